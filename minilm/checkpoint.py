@@ -1,0 +1,146 @@
+"""Finding, reading and writing Hugging Face format checkpoints.
+
+A checkpoint is a folder with `config.json`, `model.safetensors` (or a legacy `pytorch_model.bin`) and the tokenizer
+files. It can be named three ways:
+  * a local directory;
+  * a name under the repository's `weights/` folder (`weights/ms-marco-MiniLM-L6-v2`);
+  * a Hugging Face Hub id (`cross-encoder/ms-marco-MiniLM-L6-v2`), fetched with huggingface_hub into its cache, so
+    HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE and revisions behave as users know them.
+"""
+
+import json
+import os
+import tempfile
+import warnings
+from pathlib import Path
+
+import torch
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+WEIGHTS_DIRS = (Path.cwd() / "weights", Path(__file__).resolve().parent.parent / "weights")
+
+
+class CheckpointError(Exception):
+    """A checkpoint that cannot be found or does not fit the model; the message says which file or tensor."""
+
+
+def resolve(name_or_path: str, revision: str | None = None) -> Path:
+    """The local folder holding checkpoint `name_or_path`, downloading it from the Hub when needed."""
+    path = Path(name_or_path).expanduser()
+    if path.is_dir():
+        return _check_dir(path)
+    for weights in WEIGHTS_DIRS:
+        for candidate in (weights / name_or_path, weights / path.name):
+            if candidate.is_dir():
+                return _check_dir(candidate)
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or os.sep != "/" and os.sep in name_or_path:
+        raise CheckpointError(f"{name_or_path}: no such directory")
+    return _from_hub(name_or_path, revision)
+
+
+def _check_dir(path: Path) -> Path:
+    if not (path / "config.json").exists():
+        found = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
+        raise CheckpointError(f"{path}: not a checkpoint directory (no config.json; found {found})")
+    if not any((path / f).exists() for f in WEIGHT_FILES):
+        raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin")
+    return path
+
+
+def _from_hub(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+
+    def fetch(filename):
+        try:
+            return Path(hf_hub_download(repo_id, filename, revision=revision))
+        except EntryNotFoundError:  # also the "not in the local cache and the Hub is unreachable" case
+            return None
+
+    how_to = (
+        f"To use a local copy, pass its directory (--model /path/to/dir), or put it under weights/, e.g. "
+        f"`hf download {repo_id} --local-dir weights/{repo_id.split('/')[-1]}` on a machine with internet access."
+    )
+    try:
+        config = fetch("config.json")
+    except HFValidationError as e:
+        raise CheckpointError(f"{repo_id!r} is neither a local directory nor a valid Hub id ({e})") from None
+    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
+        raise CheckpointError(f"{repo_id}: {type(e).__name__} on the Hugging Face Hub (revision {revision or 'main'}). {how_to}") from None
+    if config is None:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub could not be reached"
+        raise CheckpointError(
+            f"model {repo_id!r} (revision {revision or 'main'}) is not a local directory, not under weights/, and not in "
+            f"the Hugging Face cache; {why}. {how_to}"
+        )
+    if fetch("model.safetensors") is None and fetch("pytorch_model.bin") is None:
+        raise CheckpointError(f"{repo_id}: neither model.safetensors nor pytorch_model.bin could be fetched")
+    for name in TOKENIZER_FILES:
+        fetch(name)
+    return config.parent  # the snapshot folder: every file of one revision sits side by side
+
+
+def read_state_dict(folder: Path) -> dict:
+    safetensors_file = folder / "model.safetensors"
+    if safetensors_file.exists():
+        from safetensors.torch import load_file
+
+        return load_file(safetensors_file)
+    # weights_only: a pickle from the internet must not be able to run code
+    return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+
+
+def load_weights(model: torch.nn.Module, state: dict, source) -> None:
+    """Copy `state` into `model`, asserting that every tensor has a place and every place a tensor of the right shape.
+
+    Tolerated like transformers does: keys of a bare BertModel (no `bert.` prefix), the obsolete
+    `embeddings.position_ids` buffer, and a missing pooler or classifier (initialised as transformers would, with a
+    warning: that head is untrained)."""
+    state = {k: v for k, v in state.items() if not k.endswith("embeddings.position_ids")}
+    if not any(k.startswith("bert.") for k in state):
+        state = {(k if k.startswith(("classifier.", "bert.")) else f"bert.{k}"): v for k, v in state.items()}
+    expected = model.state_dict()
+    unexpected = sorted(set(state) - set(expected))
+    missing = sorted(set(expected) - set(state))
+    if unexpected:
+        raise CheckpointError(f"{source}: unexpected tensor(s) {', '.join(unexpected)}")
+    initialised = [k for k in missing if k.startswith(("classifier.", "bert.pooler."))]
+    if len(initialised) != len(missing):
+        raise CheckpointError(f"{source}: missing tensor(s) {', '.join(k for k in missing if k not in initialised)}")
+    for key, tensor in state.items():
+        if tensor.shape != expected[key].shape:
+            raise CheckpointError(f"{source}: tensor {key} has shape {list(tensor.shape)}, the config expects {list(expected[key].shape)}")
+    model.load_state_dict(state, strict=False)
+    if initialised:
+        warnings.warn(f"{source}: {', '.join(initialised)} not in the checkpoint, initialised randomly; fine-tune before use")
+        std = model.config.initializer_range
+        with torch.no_grad():
+            for key in initialised:
+                param = model.get_parameter(key)
+                param.normal_(0.0, std) if key.endswith("weight") else param.zero_()
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call `write(tmp_path)`, then rename onto `path`: readers see the old file or the whole new one, never half."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path, obj) -> None:
+    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"))
+
+
+def save_weights(path: Path, model: torch.nn.Module) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))

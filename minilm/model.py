@@ -1,0 +1,218 @@
+"""MiniLM-L6-H384 cross-encoder: embeddings -> 6 post-LN encoder layers -> tanh pooler -> dropout -> 1 logit.
+
+This is BERT exactly as `transformers.BertForSequenceClassification` computes it (transformers 4.56,
+`models/bert/modeling_bert.py`), written out in one file so every step is visible. Module and parameter names are the
+Hugging Face ones (`bert.encoder.layer.3.attention.self.query.weight`, ...), so a checkpoint's state dict loads with no
+renaming and what we save loads back in transformers and sentence-transformers.
+
+    input_ids, token_type_ids  (B, T)
+      -> Embeddings: word + token type + position, LayerNorm, dropout          (B, T, H)
+      -> Layer x N:  x = LN(x + dropout(attention(x)))                          post-LN, as in the original BERT
+                     x = LN(x + dropout(W2 gelu(W1 x)))
+      -> Pooler:     tanh(dense(x[:, 0]))                                       (B, H)    the [CLS] token
+      -> Classifier: linear(dropout(pooled))                                    (B,)      raw logits, no activation
+
+The defaults of `Config` are the MiniLM-L6-H384 checkpoints (`cross-encoder/ms-marco-MiniLM-L6-v2`);
+`Config.from_hf` reads any BERT `config.json` of this family (L2, L4, L12, TinyBERT-L2).
+"""
+
+import math
+from dataclasses import dataclass, fields
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass
+class Config:
+    vocab_size: int = 30522
+    hidden_size: int = 384
+    num_hidden_layers: int = 6
+    num_attention_heads: int = 12  # head dim 384 / 12 = 32
+    intermediate_size: int = 1536
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2  # segment A = query (0), segment B = passage (1)
+    layer_norm_eps: float = 1e-12  # BERT's TensorFlow value, not torch's 1e-5
+    hidden_dropout_prob: float = 0.1
+    attention_probs_dropout_prob: float = 0.1
+    classifier_dropout: float | None = None  # None means hidden_dropout_prob, as in transformers
+    hidden_act: str = "gelu"  # exact erf GELU; the tanh approximation moves logits by ~2e-5
+    pad_token_id: int = 0
+    initializer_range: float = 0.02  # std of the head's init when a checkpoint has none
+
+    @classmethod
+    def from_hf(cls, hf: dict) -> "Config":
+        """Read a Hugging Face BERT `config.json` dict; refuse what this model does not implement."""
+        if hf.get("model_type", "bert") != "bert":
+            raise ValueError(f"config.json has model_type {hf['model_type']!r}; only 'bert' checkpoints are supported")
+        if hf.get("hidden_act", "gelu") != "gelu":
+            raise ValueError(f"config.json has hidden_act {hf['hidden_act']!r}; only exact 'gelu' is implemented")
+        if hf.get("position_embedding_type", "absolute") != "absolute":
+            raise ValueError("only position_embedding_type 'absolute' is implemented")
+        num_labels = len(hf.get("id2label", {"0": "LABEL_0"}))
+        if num_labels != 1:
+            raise ValueError(f"config.json has {num_labels} labels; a cross-encoder reranker has exactly 1")
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in hf.items() if k in names})
+
+
+class Embeddings(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.word_embeddings = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=cfg.pad_token_id)
+        self.position_embeddings = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+        self.token_type_embeddings = nn.Embedding(cfg.type_vocab_size, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)  # TF name kept for checkpoints
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, input_ids, token_type_ids):
+        T = input_ids.shape[1]
+        # positions are always 0..T-1: right padding never shifts them. Same addition order as transformers
+        # (word + type, then + position) so results agree to the last bit.
+        x = self.word_embeddings(input_ids) + self.token_type_embeddings(token_type_ids)  # (B, T, H)
+        x = x + self.position_embeddings.weight[:T]
+        return self.dropout(self.LayerNorm(x))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.n_head = cfg.num_attention_heads
+        self.query = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.key = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.value = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+        self.dropout_p = cfg.attention_probs_dropout_prob
+        self.use_sdpa = True  # False: the plain softmax path below, for study; same numbers to ~3e-8
+
+    def forward(self, x, bias):
+        B, T, H = x.shape
+        # (B, T, H) -> (B, n_head, T, head_dim)
+        q, k, v = (lin(x).view(B, T, self.n_head, H // self.n_head).transpose(1, 2) for lin in (self.query, self.key, self.value))
+        p = self.dropout_p if self.training else 0.0
+        if self.use_sdpa:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)  # (B, nh, T, hd)
+        else:
+            att = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])  # (B, nh, T, T)
+            if bias is not None:
+                att = att + bias
+            y = F.dropout(att.softmax(dim=-1), p) @ v  # (B, nh, T, hd)
+        return y.transpose(1, 2).reshape(B, T, H)  # re-assemble heads: (B, T, H)
+
+
+class DenseDropoutResidualNorm(nn.Module):
+    """LayerNorm(x + dropout(dense(h))): the post-LN residual step that closes both halves of a BERT layer.
+
+    transformers calls this module `attention.output` after attention and `output` after the FFN."""
+
+    def __init__(self, d_in: int, cfg: Config):
+        super().__init__()
+        self.dense = nn.Linear(d_in, cfg.hidden_size)
+        self.LayerNorm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob)
+
+    def forward(self, h, x):
+        return self.LayerNorm(self.dropout(self.dense(h)) + x)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.self = SelfAttention(cfg)  # named `attention.self.*` in checkpoints
+        self.output = DenseDropoutResidualNorm(cfg.hidden_size, cfg)
+
+    def forward(self, x, bias):
+        return self.output(self.self(x, bias), x)
+
+
+class Intermediate(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x):
+        return F.gelu(self.dense(x))  # exact erf GELU ("gelu" in transformers), not the tanh approximation
+
+
+class Layer(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.attention = Attention(cfg)
+        self.intermediate = Intermediate(cfg)
+        self.output = DenseDropoutResidualNorm(cfg.intermediate_size, cfg)
+
+    def forward(self, x, bias):
+        x = self.attention(x, bias)
+        return self.output(self.intermediate(x), x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.layer = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_hidden_layers))
+
+    def forward(self, x, bias):
+        for layer in self.layer:
+            x = layer(x, bias)
+        return x
+
+
+class Pooler(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.dense = nn.Linear(cfg.hidden_size, cfg.hidden_size)
+
+    def forward(self, x):
+        return torch.tanh(self.dense(x[:, 0]))  # the [CLS] token's final state: (B, H)
+
+
+class Bert(nn.Module):
+    def __init__(self, cfg: Config):
+        super().__init__()
+        self.embeddings = Embeddings(cfg)
+        self.encoder = Encoder(cfg)
+        self.pooler = Pooler(cfg)
+
+
+def attention_bias(attention_mask, dtype):
+    """Additive attention mask (B, 1, T, T): 0 where the key is a real token, the dtype's minimum where it is padding.
+
+    None when nothing is padded, which is what transformers' SDPA path does (and lets SDPA pick its fastest kernel)."""
+    if attention_mask is None or bool(attention_mask.all()):
+        return None
+    B, T = attention_mask.shape
+    bias = torch.zeros(B, 1, 1, T, dtype=dtype, device=attention_mask.device)
+    bias = bias.masked_fill(attention_mask[:, None, None, :] == 0, torch.finfo(dtype).min)
+    return bias.expand(B, 1, T, T)  # (B, 1, T, T): every query row sees the same keys
+
+
+class CrossEncoderModel(nn.Module):
+    """BertForSequenceClassification with one label: (input_ids, attention_mask, token_type_ids) -> logits (B,)."""
+
+    def __init__(self, cfg: Config = Config()):
+        super().__init__()
+        self.config = cfg
+        self.bert = Bert(cfg)
+        p = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
+        self.dropout = nn.Dropout(p)
+        self.classifier = nn.Linear(cfg.hidden_size, 1)
+
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        bert = self.bert
+        x = bert.embeddings(input_ids, token_type_ids)  # (B, T, H)
+        x = bert.encoder(x, attention_bias(attention_mask, x.dtype))  # (B, T, H)
+        pooled = bert.pooler(x)  # (B, H)
+        return self.classifier(self.dropout(pooled)).squeeze(-1)  # (B,) raw logits
+
+    def set_sdpa(self, enabled: bool):
+        """Switch every layer between F.scaled_dot_product_attention (default) and the plain softmax path."""
+        for layer in self.bert.encoder.layer:
+            layer.attention.self.use_sdpa = enabled
+
+    @torch.no_grad()
+    def init_head(self, generator=None):
+        """Initialise the classifier as transformers' `_init_weights` does: weight ~ N(0, initializer_range), bias 0."""
+        self.classifier.weight.normal_(0.0, self.config.initializer_range, generator=generator)
+        self.classifier.bias.zero_()
