@@ -57,6 +57,20 @@ def parse_dtype(dtype):
     return DTYPES[dtype]
 
 
+def check_dtype(dtype, device: torch.device):
+    """Refuse reduced precision where it would be slow rather than fast: bf16 needs native bf16 dot products on a CPU
+    (AVX512-BF16 or AMX), fp16 is for GPUs, int8 dynamic quantization for CPUs."""
+    if device.type == "cpu":
+        if dtype == torch.bfloat16 and not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+            raise ValueError("dtype bf16 needs a CPU with AVX512-BF16 or AMX (this one would emulate it, slower than "
+                             "fp32); use fp32 or int8")
+        if dtype == torch.float16:
+            raise ValueError("dtype fp16 is for GPUs (CPUs emulate it, slower than fp32); on a CPU use bf16 or int8")
+    elif dtype == "int8":
+        raise ValueError("dtype int8 (dynamic quantization) runs on the CPU only; on a GPU use fp16 or bf16")
+    return dtype
+
+
 class CrossEncoder:
     """A MiniLM/BERT cross-encoder with its tokenizer: `predict` scores pairs, `rank` orders passages for a query."""
 
@@ -66,6 +80,7 @@ class CrossEncoder:
         self.hf_config = hf_config
         self.source_dir = source_dir  # tokenizer files are copied from here by save_pretrained
         self.activation = default_activation(hf_config)
+        self.max_batch_tokens = 4096  # padded tokens per forward; set by `to()` for the device
 
     @classmethod
     def from_pretrained(cls, name_or_path, *, revision=None, device=None, dtype=None, max_length=None) -> "CrossEncoder":
@@ -83,15 +98,16 @@ class CrossEncoder:
         return ce.to(device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype)
 
     def to(self, device, dtype=None) -> "CrossEncoder":
-        dtype = parse_dtype(dtype)
+        device = torch.device(device)
+        dtype = check_dtype(parse_dtype(dtype), device)
         self.model.to(device)
         if dtype == "int8":
-            if torch.device(device).type != "cpu":
-                raise ValueError("dtype int8 (dynamic quantization) runs on the CPU only")
             self.model = torch.ao.quantization.quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
         else:
             self.model.to(dtype)
         self.model.eval()
+        # GPUs want big batches to fill the device; CPUs want batches whose activations stay in cache
+        self.max_batch_tokens = 4096 if device.type == "cpu" else 65536
         return self
 
     @property
@@ -123,21 +139,29 @@ class CrossEncoder:
         return scores[0] if single else scores
 
     def score_logits(self, pairs, batch_size: int = 32, show_progress_bar: bool | None = None) -> torch.Tensor:
-        """Raw fp32 logits (N,) on the CPU, in input order. Pairs are tokenized once and scored longest first so each
-        batch pads little; batching changes results only at float-rounding level (~1e-7)."""
+        """Raw fp32 logits (N,) on the CPU, in input order.
+
+        Pairs are tokenized once and scored longest first, so each batch pads little. A batch holds at most
+        `batch_size` pairs and at most `max_batch_tokens` padded tokens (`model.max_batch_tokens`): on a CPU, small
+        working sets stay in cache and are recycled by the allocator instead of page-faulting fresh memory on every op.
+        Batching changes results only at float-rounding level (~1e-7)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.model.eval()
         out = torch.empty(len(pairs), dtype=torch.float32)
         encodings = self.tokenizer.encode(pairs)
-        order = sorted(range(len(pairs)), key=lambda i: -len(encodings[i].ids))
-        starts = range(0, len(pairs), batch_size)
+        lengths = [len(e.ids) for e in encodings]
+        order = sorted(range(len(pairs)), key=lambda i: -lengths[i])
+        batches, start = [], 0
+        while start < len(order):
+            n = max(1, min(batch_size, self.max_batch_tokens // lengths[order[start]]))  # the first is the longest
+            batches.append(order[start : start + n])
+            start += n
         if show_progress_bar:
             from tqdm.auto import tqdm
 
-            starts = tqdm(starts, desc="Scoring", unit="batch")
-        for start in starts:
-            idx = order[start : start + batch_size]
+            batches = tqdm(batches, desc="Scoring", unit="batch")
+        for idx in batches:
             batch = self.tokenizer.pad([encodings[i] for i in idx])
             inputs = {k: torch.from_numpy(v).to(self.device) for k, v in batch.items()}
             out[idx] = self.model(**inputs).float().cpu()

@@ -1,0 +1,165 @@
+"""Scoring speed: minilm vs sentence-transformers 5.1.0, ONNX Runtime and transformers, same pairs, same weights.
+
+    python bench/predict.py                    # the stand-in checkpoint, 256 pairs, batch 32, 3 interleaved rounds
+    python bench/predict.py --model DIR --pairs 512 --rounds 5 --only minilm-fp32,minilm-bf16
+
+Pairs follow the model card's length statistics (query ~41 chars; passage 88-1019 chars, mean ~369): TyDi-ru train
+queries with their candidate passages cut at a word boundary to lengths drawn from a fixed-seed distribution. Every
+system scores the same pairs in the same batches of 32 (each decides its own order inside: sentence-transformers keeps
+input order, the others sort by length); rounds are interleaved so machine noise hits all systems alike. The table gives
+pairs/s (best round), the ratio to sentence-transformers, max |score - minilm fp32| and peak RSS growth.
+
+Needs the reference extra (`pip install -e ".[reference]"`); systems whose library is missing are skipped.
+"""
+
+import argparse
+import json
+import os
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO), str(REPO / "tests")]
+DATA = REPO.parent / "shared" / "data" / "tydiqa_ru" / "train.jsonl"
+
+
+def bench_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
+    rows = [json.loads(line) for line in DATA.read_text(encoding="utf-8").splitlines()]
+    rng = np.random.default_rng(seed)
+    picked = rng.choice(len(rows), size=n, replace=False)
+    # lognormal lengths clipped to the card's range; median 320 chars puts the mean near the card's 369
+    lengths = np.clip(rng.lognormal(np.log(320), 0.55, size=n), 88, 1019).astype(int)
+    pairs = []
+    for i, length in zip(picked, lengths):
+        passage = " ".join(rows[i]["passage"].split())
+        cut = passage[:length].rsplit(" ", 1)[0] if len(passage) > length else passage
+        pairs.append((rows[i]["query"].strip(), cut))
+    return pairs
+
+
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="checkpoint directory (default: build the stand-in in a temp dir)")
+    ap.add_argument("--pairs", type=int, default=256)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--only", help="comma-separated subset of systems")
+    args = ap.parse_args()
+
+    from minilm import CrossEncoder
+
+    model_dir = args.model
+    if model_dir is None:
+        from standin import build_standin
+
+        model_dir = str(build_standin(Path(tempfile.mkdtemp()) / "standin"))
+    pairs = bench_pairs(args.pairs)
+    fp32 = CrossEncoder.from_pretrained(model_dir, device="cpu")
+    lengths = [len(e.ids) for e in fp32.tokenizer.encode(pairs)]
+    print(f"{len(pairs)} pairs: query {np.mean([len(q) for q, _ in pairs]):.0f} chars, passage "
+          f"{np.mean([len(p) for _, p in pairs]):.0f} chars (min {min(len(p) for _, p in pairs)}, max "
+          f"{max(len(p) for _, p in pairs)}), {np.mean(lengths):.0f} tokens per pair; batch {args.batch_size}; "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}")
+
+    systems = {}  # name -> callable(pairs) -> np.ndarray of scores
+    systems["minilm-fp32"] = lambda p: fp32.predict(p, batch_size=args.batch_size)
+    for dtype in ("bf16", "int8"):
+        try:
+            ce = CrossEncoder.from_pretrained(model_dir, device="cpu", dtype=dtype)
+            systems[f"minilm-{dtype}"] = lambda p, ce=ce: ce.predict(p, batch_size=args.batch_size)
+        except (ValueError, RuntimeError) as e:
+            print(f"minilm-{dtype}: skipped ({e})")
+    try:
+        from sentence_transformers import CrossEncoder as STCrossEncoder
+
+        st = STCrossEncoder(model_dir, device="cpu")
+        systems["sentence-transformers"] = lambda p: st.predict(p, batch_size=args.batch_size)
+    except ImportError:
+        print("sentence-transformers: not installed, skipped")
+    try:
+        systems["transformers-sorted"] = hf_sorted(model_dir, fp32, args.batch_size)
+    except ImportError:
+        print("transformers: not installed, skipped")
+    try:
+        systems["onnxruntime-sorted"] = onnx_sorted(fp32, args.batch_size)
+    except ImportError as e:
+        print(f"onnxruntime: not installed, skipped ({e})")
+    if args.only:
+        systems = {k: v for k, v in systems.items() if k in args.only.split(",")}
+
+    for fn in systems.values():  # warm-up: first-call allocations, oneDNN kernel selection
+        fn(pairs[:8])
+    reference = fp32.predict(pairs, batch_size=args.batch_size)
+    best = {k: float("inf") for k in systems}
+    max_diff = {}
+    for _ in range(args.rounds):
+        for name, fn in systems.items():
+            t = time.perf_counter()
+            scores = fn(pairs)
+            best[name] = min(best[name], time.perf_counter() - t)
+            max_diff[name] = float(np.abs(np.asarray(scores, dtype=np.float64) - reference).max())
+    base = best.get("sentence-transformers")
+    print(f"\n| system | pairs/s | vs sentence-transformers | max abs diff vs minilm fp32 |")
+    print("|---|---|---|---|")
+    for name, seconds in best.items():
+        ratio = f"{base / seconds:.2f}" if base else "-"
+        print(f"| {name} | {len(pairs) / seconds:.1f} | {ratio} | {max_diff[name]:.1e} |")
+    print(f"\npeak RSS of this process: {peak_rss_mib():.0f} MiB")
+
+
+def hf_sorted(model_dir, ours, batch_size):
+    """transformers' BertForSequenceClassification fed the same length-sorted batches as minilm."""
+    from transformers import AutoModelForSequenceClassification
+
+    hf = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+
+    def run(pairs):
+        return sorted_batches(pairs, ours, batch_size, lambda b: hf(**{k: torch.from_numpy(v) for k, v in b.items()}).logits[:, 0])
+
+    return run
+
+
+def onnx_sorted(ours, batch_size):
+    """ONNX Runtime (CPU, all graph optimisations) on a torch.onnx export of the same fp32 weights."""
+    import onnxruntime as ort
+
+    path = Path(tempfile.mkdtemp()) / "model.onnx"
+    ids = torch.ones(2, 16, dtype=torch.int64)
+    mask = ids.clone()
+    mask[1, 10:] = 0  # trace with padding so the exported graph keeps the attention mask
+    torch.onnx.export(ours.model, (ids, mask, ids), str(path), input_names=["input_ids", "attention_mask", "token_type_ids"],
+                      output_names=["logits"], dynamic_axes={k: {0: "B", 1: "T"} for k in ("input_ids", "attention_mask", "token_type_ids")},
+                      dynamo=False)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = torch.get_num_threads()
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+    def run(pairs):
+        return sorted_batches(pairs, ours, batch_size, lambda b: torch.from_numpy(session.run(None, b)[0]))
+
+    return run
+
+
+@torch.inference_mode()
+def sorted_batches(pairs, ours, batch_size, forward):
+    encodings = ours.tokenizer.encode(pairs)
+    order = sorted(range(len(pairs)), key=lambda i: -len(encodings[i].ids))
+    out = np.empty(len(pairs), dtype=np.float32)
+    for start in range(0, len(pairs), batch_size):
+        idx = order[start : start + batch_size]
+        out[idx] = forward(ours.tokenizer.pad([encodings[i] for i in idx])).float().numpy().reshape(-1)
+    return out
+
+
+if __name__ == "__main__":
+    main()
