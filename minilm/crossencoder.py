@@ -138,6 +138,7 @@ class CrossEncoder:
         scores = scores.numpy()
         return scores[0] if single else scores
 
+    @torch.inference_mode()
     def score_logits(self, pairs, batch_size: int = 32, show_progress_bar: bool | None = None) -> torch.Tensor:
         """Raw fp32 logits (N,) on the CPU, in input order.
 

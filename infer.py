@@ -1,0 +1,382 @@
+"""Score (query, passage) pairs with a MiniLM cross-encoder, from the command line.
+
+Two modes:
+
+  python infer.py QUERY PASSAGE [PASSAGE ...]        rank the passages for the query, print a table (or --json)
+  python infer.py --input pairs.jsonl --output out.jsonl
+                                                     add a `score` to every row of a JSONL / TSV / CSV file
+
+A file is streamed: rows are read, checked and scored CHUNK_ROWS at a time, so memory does not grow with the file.
+The output is written to a temporary file next to it and renamed only when every row has been scored: a bad row or
+an interrupted run leaves no output file behind, and an existing one untouched.
+
+torch and the model code are imported only after the arguments have been checked, so `--help` and argument errors
+are instant and the time to the first score is the time to load the model.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import stat
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+DEFAULT_MODEL = "cross-encoder/ms-marco-MiniLM-L6-v2"
+DTYPE_CHOICES = ("fp32", "bf16", "fp16", "int8")
+FORMAT_CHOICES = ("jsonl", "tsv", "csv")
+CHUNK_ROWS = 1024  # rows read, scored and written at a time in file mode (also how often the progress bar moves)
+
+EPILOG = """\
+examples:
+  python infer.py "how tall is everest" "Mount Everest is 8,849 m high." "Everest is a brand of shoes."
+  python infer.py --json --top-k 1 --sigmoid "capital of france" "Paris is in France." "Berlin is in Germany."
+  python infer.py --input pairs.tsv --output scored.tsv --model weights/ms-marco-MiniLM-L6-v2
+  cat pairs.jsonl | python infer.py --input - --quiet > scored.jsonl
+
+input files (--input): JSONL with the fields "query" and "passage" (or "sentence_0" and "sentence_1"), or TSV / CSV
+with a header row naming those columns. Every other field (qid, label, ...) is kept; the output has the same format,
+rows and order, plus a "score" field (an existing "score" is overwritten). Exit status: 0 on success, 2 for bad
+arguments, bad input or a model that cannot be found.
+"""
+
+
+class UsageError(Exception):
+    """A mistake of the user's (bad option value, missing model, unwritable output): one line on stderr, exit 2."""
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="infer.py",
+        description="Score (query, passage) pairs with a cross-encoder reranker: rank passages for one query,\n"
+        "or add a score to every row of a JSONL / TSV / CSV file.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("query", nargs="?", metavar="QUERY", help="the query to rank passages for")
+    parser.add_argument("passages", nargs="*", metavar="PASSAGE",
+                        help="passages to rank (put `--` before them if one starts with '-')")
+
+    files = parser.add_argument_group("file mode")
+    files.add_argument("--input", metavar="FILE",
+                       help="score every row of FILE (.jsonl, .tsv or .csv; '-' reads standard input, as JSONL "
+                       "unless --format says otherwise)")
+    files.add_argument("--output", metavar="FILE",
+                       help="where the scored rows go, in the input's format (default '-': standard output). "
+                       "Written only when every row has been scored")
+    files.add_argument("--format", choices=FORMAT_CHOICES,
+                       help="the input's format, overriding its extension (needed for stdin that is not JSONL)")
+    files.add_argument("--quiet", action="store_true", help="no progress bar (it is also off when stderr is not a terminal)")
+
+    ranking = parser.add_argument_group("ranking mode")
+    ranking.add_argument("--top-k", type=positive_int, metavar="N", help="print only the N best passages")
+    ranking.add_argument("--json", action="store_true",
+                         help='print a JSON array of {"corpus_id", "score", "text"}, highest score first, '
+                         "instead of a table")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--model", default=DEFAULT_MODEL, metavar="NAME_OR_DIR",
+                       help="a local checkpoint directory, a folder name under weights/, or a Hugging Face Hub id "
+                       f"(default: {DEFAULT_MODEL})")
+    model.add_argument("--revision", help="Hub revision (branch, tag or commit) of --model")
+    model.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="pairs per forward pass (default: 32)")
+    model.add_argument("--max-length", type=positive_int, metavar="N",
+                       help="tokens per pair including [CLS]/[SEP]; longer pairs are truncated (default: the model's, 512)")
+    model.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu; cpu for int8)")
+    model.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp32",
+                       help="fp32 (default, exact); bf16 or fp16 for speed on a GPU (bf16 also on CPUs with AMX or "
+                       "AVX512-BF16); int8 (dynamic quantization) on a CPU")
+    model.add_argument("--sigmoid", action="store_true",
+                       help="apply a sigmoid to the scores (0..1). Default: the model's own activation, which for the "
+                       "ms-marco models is none (raw logits)")
+    return parser
+
+
+def check_args(parser: argparse.ArgumentParser, args) -> None:
+    """Combinations argparse cannot express; each error exits 2 with the usage line."""
+    ranking = args.query is not None
+    if args.input is not None:
+        if ranking:
+            parser.error("give either QUERY PASSAGE [PASSAGE ...] or --input FILE, not both")
+        if args.top_k is not None or args.json:
+            parser.error("--top-k and --json apply to QUERY PASSAGE ranking, not to --input files")
+        if args.output is None:
+            args.output = "-"
+        return
+    if args.output is not None or args.format is not None:
+        parser.error("--output and --format go with --input FILE")
+    if not ranking:
+        parser.error("nothing to score: give QUERY PASSAGE [PASSAGE ...] or --input FILE")
+    if not args.passages:
+        parser.error("give at least one PASSAGE after the QUERY")
+    if not args.query.strip():
+        parser.error("the QUERY is empty")
+    for i, passage in enumerate(args.passages, start=1):
+        if not passage.strip():
+            parser.error(f"PASSAGE {i} is empty")
+
+
+# ---------------------------------------------------------------------------------------------------------- model
+
+def load_model(args):
+    """Import torch and the model code (the slow part of a cold start) and load the checkpoint."""
+    import torch
+
+    from minilm.checkpoint import CheckpointError
+    from minilm.crossencoder import CrossEncoder
+
+    device = args.device
+    if device is None and args.dtype == "int8":
+        device = "cpu"  # dynamic quantization runs on the CPU only
+    if device is not None:
+        try:
+            kind = torch.device(device).type
+        except RuntimeError as e:
+            raise UsageError(f"--device {device}: {str(e).splitlines()[0]}") from None
+        if kind == "cuda" and not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: no CUDA device is available")
+    try:
+        with warnings.catch_warnings():  # torch deprecates the quantized tensor API that int8 relies on: not our user's concern
+            warnings.filterwarnings("ignore", message=".*quantize_per_tensor", category=UserWarning)
+            return CrossEncoder.from_pretrained(args.model, revision=args.revision, device=device, dtype=args.dtype,
+                                                max_length=args.max_length)
+    except CheckpointError as e:
+        raise UsageError(f"cannot load model: {e}") from None
+    except (ValueError, OSError) as e:  # a config this model does not support, --max-length too long, unreadable file
+        raise UsageError(f"cannot load model {args.model}: {e}") from None
+
+
+# ---------------------------------------------------------------------------------------------------- ranking mode
+
+def rank(args) -> int:
+    model = load_model(args)
+    results = model.rank(args.query, args.passages, top_k=args.top_k, return_documents=True,
+                         batch_size=args.batch_size, activation="sigmoid" if args.sigmoid else None)
+    if args.json:
+        print(json.dumps(results, ensure_ascii=False, indent=2))
+        return 0
+    width = shutil.get_terminal_size((100, 24)).columns
+    id_width = max(2, len(str(len(args.passages) - 1)))
+    scores = [f"{r['score']:.4f}" for r in results]
+    score_width = max(5, *(len(s) for s in scores))
+    print(f"{'rank':>4}  {'score':>{score_width}}  {'id':>{id_width}}  passage")
+    for i, (r, score) in enumerate(zip(results, scores), start=1):
+        prefix = f"{i:>4}  {score:>{score_width}}  {r['corpus_id']:>{id_width}}  "
+        print(prefix + preview(r["text"], max(20, width - len(prefix) - 1)))
+    return 0
+
+
+def preview(text: str, width: int) -> str:
+    """The text on one line (whitespace runs collapsed), cut to `width` characters."""
+    line = " ".join(text.split())
+    return line if len(line) <= width else line[: width - 3].rstrip() + "..."
+
+
+# ------------------------------------------------------------------------------------------------------- file mode
+
+def score_file(args) -> int:
+    from minilm.data import DataError, detect_format
+
+    fmt = detect_format(args.input, args.format)
+    name = "<stdin>" if args.input == "-" else args.input
+    check_output(args.output, fmt)
+    if args.input == "-":
+        total = None  # standard input can be read only once: every row is checked while it is scored
+        if hasattr(sys.stdin, "reconfigure"):
+            sys.stdin.reconfigure(encoding="utf-8", newline="")  # as files are read: UTF-8, "\r\n" kept inside CSV fields
+    elif is_pipe(args.input):
+        total = None  # nor can a pipe, e.g. --input <(zcat pairs.jsonl.gz)
+    else:
+        total = check_input(args.input, fmt, name)  # a bad row fails here, instantly, before the model loads
+
+    model = load_model(args)
+    activation = "sigmoid" if args.sigmoid else None
+
+    def write(out) -> None:
+        bar = progress_bar(total, args.quiet)
+        try:
+            n = 0
+            writer = RowWriter(out, fmt)
+            for rows, pairs in read_chunks(args.input, fmt, name):
+                scores = model.predict(pairs, batch_size=args.batch_size, activation=activation)
+                for row, score in zip(rows, scores):
+                    writer.write(row, float(score))
+                n += len(rows)
+                if bar is not None:
+                    bar.update(len(rows))
+            if n == 0:
+                raise DataError(f"{name}: no rows to score")
+        finally:
+            if bar is not None:
+                bar.close()
+
+    if args.output == "-" or is_pipe(args.output):
+        # Standard output, /dev/null, a pipe: nothing to rename. The scored rows are spooled to a temporary file
+        # first, so that a bad row prints nothing rather than half a result.
+        with tempfile.TemporaryFile("w+", encoding="utf-8", newline="") as tmp:
+            write(tmp)
+            tmp.seek(0)
+            if args.output != "-":
+                with open(args.output, "w", encoding="utf-8", newline="") as out:
+                    shutil.copyfileobj(tmp, out)
+                return 0
+            if hasattr(sys.stdout, "reconfigure"):
+                sys.stdout.reconfigure(encoding="utf-8")
+            shutil.copyfileobj(tmp, sys.stdout)
+            sys.stdout.flush()
+    else:
+        from minilm.checkpoint import atomic_write
+
+        target = Path(os.path.realpath(args.output))  # through a symlink: replace the file, keep the link
+
+        def write_to(tmp_path) -> None:
+            copy_mode(target, tmp_path)
+            with open(tmp_path, "w", encoding="utf-8", newline="") as out:
+                write(out)
+
+        atomic_write(target, write_to)
+    return 0
+
+
+def check_output(output: str, fmt: str) -> None:
+    if output == "-" or is_pipe(output):
+        return
+    path = Path(os.path.realpath(output))
+    if path.is_dir():
+        raise UsageError(f"--output {output}: is a directory")
+    if not path.parent.is_dir():
+        raise UsageError(f"--output {output}: no such directory {str(path.parent)!r}")
+    if not os.access(path.parent, os.W_OK):
+        raise UsageError(f"--output {output}: cannot write to the directory {str(path.parent)!r}")
+    suffix = path.suffix.lower().lstrip(".")
+    suffix = "jsonl" if suffix in ("json", "ndjson") else suffix
+    if suffix in FORMAT_CHOICES and suffix != fmt:
+        raise UsageError(f"--output {output}: the output keeps the input's format ({fmt}); give it a .{fmt} name")
+
+
+def check_input(path: str, fmt: str, name: str) -> int:
+    """Read and check every row without scoring; the number of rows (for the progress bar)."""
+    from minilm.data import DataError, parse_pair, read_rows
+
+    n = 0
+    for line, row in read_rows(path, fmt):
+        parse_pair(row, name, line, require_label=False)
+        n += 1
+    if n == 0:
+        raise DataError(f"{name}: no rows to score")
+    return n
+
+
+def is_pipe(path: str) -> bool:
+    """A FIFO, a character device (/dev/null, a terminal) or a socket: read once, written in place, never renamed."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False  # check_input reports it
+    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISSOCK(mode)
+
+
+def read_chunks(path: str, fmt: str, name: str):
+    """Yield (rows, pairs) of at most CHUNK_ROWS rows: the untouched row dicts and their (query, passage) texts."""
+    from minilm.data import parse_pair, read_rows
+
+    rows, pairs = [], []
+    for line, row in read_rows(path, fmt):
+        pair = parse_pair(row, name, line, require_label=False)
+        rows.append(row)
+        pairs.append((pair.query, pair.passage))
+        if len(rows) == CHUNK_ROWS:
+            yield rows, pairs
+            rows, pairs = [], []
+    if rows:
+        yield rows, pairs
+
+
+class RowWriter:
+    """Writes rows in `fmt` with a `score` field added (or replaced): JSONL objects, or TSV/CSV with a header."""
+
+    def __init__(self, out, fmt: str):
+        self.out = out
+        self.fmt = fmt
+        self.csv = None
+        self.header = None
+
+    def write(self, row: dict, score: float) -> None:
+        # repr of the float32 score as a Python float: every digit needed to get the same float32 back
+        if self.fmt == "jsonl":
+            row["score"] = score
+            self.out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            return
+        if self.csv is None:
+            import csv
+
+            self.csv = csv.writer(self.out, delimiter="\t" if self.fmt == "tsv" else ",", lineterminator="\n")
+            self.header = list(row) + ([] if "score" in row else ["score"])
+            self.csv.writerow(self.header)
+        row["score"] = repr(score)
+        self.csv.writerow([row[key] for key in self.header])
+
+
+def progress_bar(total, quiet: bool):
+    """A tqdm bar counting pairs on stderr, or None with --quiet or when stderr is not a terminal."""
+    if quiet or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="pair", desc="Scoring", file=sys.stderr, dynamic_ncols=True)
+
+
+def copy_mode(output: str, tmp_path) -> None:
+    """Give the temporary file the permissions the output would have had (mkstemp makes it private, 0600)."""
+    if os.path.exists(output):
+        shutil.copymode(output, tmp_path)
+    else:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp_path, 0o666 & ~umask)
+
+
+# ------------------------------------------------------------------------------------------------------------ main
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_intermixed_args(argv)
+    check_args(parser, args)
+    from minilm.data import DataError  # plain Python; torch is imported later, by load_model
+
+    try:
+        if args.input is not None:
+            return score_file(args)
+        return rank(args)
+    except (UsageError, DataError) as e:  # DataError names the file, the line and the problem
+        return fail(str(e))
+    except KeyboardInterrupt:
+        print("infer.py: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:  # `python infer.py ... | head`: the reader left; say nothing
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
+    except OSError as e:  # writing the output failed (disk full, ...); the temporary file is already gone
+        return fail(f"{e.filename or args.output}: {e.strerror or e}", status=1)
+
+
+def fail(message: str, status: int = 2) -> int:
+    print(f"infer.py: error: {' '.join(message.split())}", file=sys.stderr)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

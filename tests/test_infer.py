@@ -1,0 +1,491 @@
+"""infer.py, the scoring CLI: ranking mode, every file format, streaming, and every user error (exit 2, one line).
+
+Most cases call `infer.main([...])` in-process; a few run `python infer.py` in a subprocess to check what only a real
+process shows (exit status, no traceback, torch not imported for --help and argument errors). The model is the
+stand-in checkpoint of tests/standin.py, built once for this module; its scores mean nothing, only agreement with
+`CrossEncoder.predict` on the same pairs matters.
+"""
+
+import csv
+import io
+import json
+import os
+import stat
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+import infer  # noqa: E402
+from standin import build_standin  # noqa: E402
+
+QUERY = "what is the capital of france"
+PASSAGES = ["Paris is the capital and largest city of France.", "Berlin is in Germany.", "Bananas are yellow."]
+PAIRS = [
+    ("capital of france", "Paris is the capital of France."),
+    ("capital of france", "The Eiffel tower, in Paris."),
+    ("how tall is everest", "Mount Everest is 8,849 m high."),
+    ("how tall is everest", "Bananas, \"quoted\", and\nnewlines."),
+]
+
+
+@pytest.fixture(scope="module")
+def standin(tmp_path_factory) -> Path:
+    return build_standin(tmp_path_factory.mktemp("standin"))
+
+
+@pytest.fixture(scope="module")
+def model(standin):
+    from minilm import CrossEncoder
+
+    return CrossEncoder.from_pretrained(standin, device="cpu")
+
+
+def run(capsys, *argv):
+    """infer.main in-process: (exit code, stdout, stderr). argparse errors (SystemExit) give their code too."""
+    try:
+        rc = infer.main([str(a) for a in argv])
+    except SystemExit as e:
+        rc = e.code
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def run_cli(*argv, input=None, env_extra=None):
+    env = dict(os.environ, **(env_extra or {}))
+    return subprocess.run([sys.executable, *map(str, argv)], cwd=REPO, input=input, capture_output=True, text=True,
+                          env=env, timeout=120)
+
+
+def imported_torch(importtime_stderr: str) -> bool:
+    return any(line.rstrip().endswith("| torch") for line in importtime_stderr.splitlines())
+
+
+def assert_one_line_error(err: str, *fragments):
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("infer.py: error: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment.lower() in lines[0].lower(), (fragment, err)
+
+
+def expected_scores(model, pairs, sigmoid=False):
+    logits = model.predict(list(pairs), batch_size=32)
+    return 1.0 / (1.0 + np.exp(-logits.astype(np.float64))) if sigmoid else logits
+
+
+def no_load(*_):
+    raise AssertionError("the model was loaded although the input is bad")
+
+
+# ---------------------------------------------------------------------------------------------------- process level
+
+def test_help_and_argument_errors_are_instant_without_torch():
+    done = run_cli("-X", "importtime", "infer.py", "--help")
+    assert done.returncode == 0
+    assert "examples:" in done.stdout and "--input" in done.stdout and "--sigmoid" in done.stdout
+    assert not imported_torch(done.stderr)
+
+    done = run_cli("-X", "importtime", "infer.py", "only-a-query")
+    assert done.returncode == 2
+    assert "at least one PASSAGE" in done.stderr
+    assert not imported_torch(done.stderr)
+
+
+def test_bad_input_fails_before_torch_with_one_line(tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query": "q", "passage": "p"}\n{"query": "q", "passage": \n')
+    out = tmp_path / "out.jsonl"
+    done = run_cli("-X", "importtime", "infer.py", "--input", bad, "--output", out, "--model", tmp_path / "no-model")
+    assert done.returncode == 2
+    assert not imported_torch(done.stderr)
+    message = [line for line in done.stderr.splitlines() if not line.startswith("import time:")]
+    assert_one_line_error("\n".join(message), f"{bad}:2", "malformed JSON")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.jsonl"]
+
+
+def test_rank_table_subprocess(standin, model):
+    done = run_cli("infer.py", "--model", standin, "--device", "cpu", QUERY, *PASSAGES)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr == ""
+    header, *rows = done.stdout.strip().splitlines()
+    assert header.split() == ["rank", "score", "id", "passage"]
+    scores = expected_scores(model, [(QUERY, p) for p in PASSAGES])
+    order = sorted(range(len(PASSAGES)), key=lambda i: -scores[i])
+    assert len(rows) == len(PASSAGES)
+    for rank, (row, i) in enumerate(zip(rows, order), start=1):
+        fields = row.split(maxsplit=3)
+        assert fields[0] == str(rank)
+        assert float(fields[1]) == pytest.approx(scores[i], abs=1e-4)
+        assert fields[2] == str(i)
+        assert fields[3] == PASSAGES[i]
+
+
+def test_stdin_tsv_to_stdout_subprocess(standin, model):
+    text = "qid\tquery\tpassage\n" + "".join(f"{i}\t{q}\t{p.splitlines()[0]}\n" for i, (q, p) in enumerate(PAIRS))
+    done = run_cli("infer.py", "--model", standin, "--device", "cpu", "--input", "-", "--format", "tsv", input=text)
+    assert done.returncode == 0, done.stderr
+    rows = list(csv.DictReader(io.StringIO(done.stdout), delimiter="\t"))
+    assert [r["qid"] for r in rows] == [str(i) for i in range(len(PAIRS))]
+    scores = expected_scores(model, [(r["query"], r["passage"]) for r in rows])
+    np.testing.assert_allclose([float(r["score"]) for r in rows], scores, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------- ranking mode
+
+def test_rank_json_matches_predict(standin, model, capsys):
+    rc, out, err = run(capsys, "--model", standin, "--device", "cpu", "--json", QUERY, *PASSAGES)
+    assert rc == 0, err
+    results = json.loads(out)
+    scores = expected_scores(model, [(QUERY, p) for p in PASSAGES])
+    assert [r["score"] for r in results] == sorted((r["score"] for r in results), reverse=True)
+    assert sorted(r["corpus_id"] for r in results) == [0, 1, 2]
+    for r in results:
+        assert set(r) == {"corpus_id", "score", "text"}
+        assert r["text"] == PASSAGES[r["corpus_id"]]
+        assert r["score"] == pytest.approx(float(scores[r["corpus_id"]]), abs=1e-6)
+
+
+def test_rank_top_k_and_options_between_positionals(standin, model, capsys):
+    rc, out, err = run(capsys, "--model", standin, "--device", "cpu", QUERY, "--top-k", "2", *PASSAGES, "--json")
+    assert rc == 0, err
+    results = json.loads(out)
+    scores = expected_scores(model, [(QUERY, p) for p in PASSAGES])
+    assert [r["corpus_id"] for r in results] == list(np.argsort(-scores, kind="stable")[:2])
+
+
+def test_rank_sigmoid(standin, model, capsys):
+    rc, out, err = run(capsys, "--model", standin, "--device", "cpu", "--json", "--sigmoid", QUERY, *PASSAGES)
+    assert rc == 0, err
+    probabilities = expected_scores(model, [(QUERY, p) for p in PASSAGES], sigmoid=True)
+    for r in json.loads(out):
+        assert 0.0 < r["score"] < 1.0
+        assert r["score"] == pytest.approx(probabilities[r["corpus_id"]], abs=1e-6)
+
+
+def test_rank_passage_starting_with_dash(standin, capsys):
+    rc, out, err = run(capsys, "--model", standin, "--device", "cpu", "--json", QUERY, "--", "-5 degrees", "warm")
+    assert rc == 0, err
+    assert {r["text"] for r in json.loads(out)} == {"-5 degrees", "warm"}
+
+
+# ------------------------------------------------------------------------------------------------------- file mode
+
+def write_input(path: Path, fmt: str, rows: list[dict]) -> None:
+    if fmt == "jsonl":
+        path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    else:
+        with open(path, "w", encoding="utf-8", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t" if fmt == "tsv" else ",")
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+def read_output(text: str, fmt: str) -> list[dict]:
+    if fmt == "jsonl":
+        return [json.loads(line) for line in text.splitlines()]
+    return list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if fmt == "tsv" else ","))
+
+
+def assert_scored(model, rows_in, rows_out, text_keys=("query", "passage"), sigmoid=False):
+    """Same rows, same order, same fields in the same order, plus a float32-exact score equal to predict's."""
+    assert len(rows_out) == len(rows_in)
+    for row_in, row_out in zip(rows_in, rows_out):
+        assert list(row_out) == list(row_in) + ([] if "score" in row_in else ["score"])  # a present score keeps its place
+        assert {k: v for k, v in row_out.items() if k != "score"} == {k: v for k, v in row_in.items() if k != "score"}
+    scores = expected_scores(model, [(r[text_keys[0]], r[text_keys[1]]) for r in rows_in], sigmoid)
+    got = [float(r["score"]) for r in rows_out]
+    np.testing.assert_allclose(got, scores, atol=1e-6)
+    if not sigmoid:
+        assert all(float(np.float32(g)) == g for g in got)  # written with every digit of the float32 value
+
+
+FILE_CASES = {
+    "jsonl": ("jsonl", [{"query": q, "passage": p} for q, p in PAIRS], ("query", "passage")),
+    "jsonl-sentences": ("jsonl", [{"sentence_0": q, "sentence_1": p, "label": i % 2} for i, (q, p) in enumerate(PAIRS)],
+                        ("sentence_0", "sentence_1")),
+    "tsv": ("tsv", [{"qid": str(i), "query": q, "passage": p.replace("\n", " ")} for i, (q, p) in enumerate(PAIRS)],
+            ("query", "passage")),
+    "csv-quoted": ("csv", [{"query": q, "passage": p, "label": "1"} for q, p in PAIRS], ("query", "passage")),
+}
+
+
+@pytest.mark.parametrize("case", FILE_CASES)
+def test_file_formats(standin, model, tmp_path, capsys, case):
+    fmt, rows, keys = FILE_CASES[case]
+    src, dst = tmp_path / f"in.{fmt}", tmp_path / f"out.{fmt}"
+    write_input(src, fmt, rows)
+    rc, out, err = run(capsys, "--model", standin, "--device", "cpu", "--input", src, "--output", dst)
+    assert rc == 0, err
+    assert out == "" and err == ""
+    rows_in = read_output(src.read_text(encoding="utf-8"), fmt)
+    text = dst.read_text(encoding="utf-8")
+    assert_scored(model, rows_in, read_output(text, fmt), keys)
+    if case == "csv-quoted":
+        assert '"Bananas, ""quoted"", and\nnewlines."' in text  # quoting and the embedded newline survive
+    umask = os.umask(0)
+    os.umask(umask)
+    assert dst.stat().st_mode & 0o777 == 0o666 & ~umask  # a normal file, not mkstemp's private 0600
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([src.name, dst.name])
+
+
+def test_extra_fields_kept_and_existing_score_replaced(standin, model, tmp_path, capsys):
+    rows = [
+        {"qid": 7, "query": "q one", "passage": "p one", "label": 1, "meta": {"source": ["a", 1]}, "score": "old"},
+        {"qid": 7, "query": "q one", "score": None, "passage": "p two, é ü", "label": 0.5, "meta": None},
+    ]
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("\n".join(json.dumps(r, ensure_ascii=False) for r in rows) + "\n\n", encoding="utf-8")
+    rc, _, err = run(capsys, "--model", standin, "--device", "cpu", "--input", src, "--output", dst, "--sigmoid")
+    assert rc == 0, err
+    out = read_output(dst.read_text(encoding="utf-8"), "jsonl")
+    assert [list(r) for r in out] == [list(r) for r in rows]  # the score keeps its place
+    assert_scored(model, rows, out, sigmoid=True)
+
+
+def test_stdin_to_stdout_jsonl(standin, model, monkeypatch, capsys):
+    rows = [{"query": q, "passage": p, "label": 1} for q, p in PAIRS]
+    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(json.dumps(r) + "\n" for r in rows)))
+    rc, out, err = run(capsys, "--model", standin, "--device", "cpu", "--input", "-")
+    assert rc == 0, err
+    assert_scored(model, rows, read_output(out, "jsonl"))
+
+
+def test_format_overrides_extension(standin, model, tmp_path, capsys):
+    src, dst = tmp_path / "pairs.txt", tmp_path / "scored.txt"
+    src.write_text("query,passage\nq one,p one\nq two,p two\n")
+    rc, _, err = run(capsys, "--model", standin, "--device", "cpu", "--input", src, "--output", dst, "--format", "csv")
+    assert rc == 0, err
+    assert_scored(model, read_output(src.read_text(), "csv"), read_output(dst.read_text(), "csv"))
+
+
+def test_streams_in_chunks(standin, model, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(infer, "CHUNK_ROWS", 2)
+    rows = [{"query": q, "passage": p} for q, p in PAIRS] + [{"query": "fifth", "passage": "row"}]
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(src, "jsonl", rows)
+    chunks = []
+    predict = type(model).predict
+    monkeypatch.setattr(type(model), "predict", lambda self, pairs, **kw: chunks.append(len(pairs)) or predict(self, pairs, **kw))
+    rc, _, err = run(capsys, "--model", standin, "--device", "cpu", "--input", src, "--output", dst)
+    assert rc == 0, err
+    assert chunks == [2, 2, 1]
+    assert_scored(model, rows, read_output(dst.read_text(), "jsonl"))
+
+
+def test_bad_row_after_scored_chunks_leaves_no_output(standin, tmp_path, monkeypatch, capsys):
+    """Standard input is not checked ahead: the bad row is met after two chunks were written to the temporary file."""
+    monkeypatch.setattr(infer, "CHUNK_ROWS", 2)
+    good = "".join(json.dumps({"query": q, "passage": p}) + "\n" for q, p in PAIRS)
+    monkeypatch.setattr(sys, "stdin", io.StringIO(good + '{"query": "q"}\n'))
+    dst = tmp_path / "out.jsonl"
+    rc, out, err = run(capsys, "--model", standin, "--device", "cpu", "--input", "-", "--output", dst)
+    assert rc == 2
+    assert_one_line_error(err, "<stdin>:5", "missing field 'passage'")
+    assert list(tmp_path.iterdir()) == []  # neither the output nor the temporary file
+
+
+def test_bad_row_on_stdin_prints_nothing_to_stdout(standin, monkeypatch, capsys):
+    monkeypatch.setattr(infer, "CHUNK_ROWS", 1)
+    monkeypatch.setattr(sys, "stdin", io.StringIO('{"query": "q", "passage": "p"}\nnot json\n'))
+    rc, out, err = run(capsys, "--model", standin, "--device", "cpu", "--input", "-")
+    assert rc == 2
+    assert out == ""
+    assert_one_line_error(err, "<stdin>:2", "malformed JSON")
+
+
+
+def test_progress_bar_only_on_a_terminal_and_not_with_quiet(standin, tmp_path, monkeypatch, capsys):
+    src = tmp_path / "in.jsonl"
+    write_input(src, "jsonl", [{"query": q, "passage": p} for q, p in PAIRS])
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    rc, _, err = run(capsys, "--model", standin, "--device", "cpu", "--input", src, "--output", tmp_path / "out.jsonl")
+    assert rc == 0
+    assert f"{len(PAIRS)}/{len(PAIRS)}" in err and "pair" in err
+    rc, _, err = run(capsys, "--model", standin, "--device", "cpu", "--input", src, "--output", tmp_path / "out.jsonl", "--quiet")
+    assert rc == 0 and err == ""
+
+
+def test_output_through_symlink_and_into_fifo(standin, model, tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    rows = [{"query": q, "passage": p} for q, p in PAIRS]
+    write_input(src, "jsonl", rows)
+    (tmp_path / "sub").mkdir()
+    real, link = tmp_path / "sub" / "real.jsonl", tmp_path / "link.jsonl"
+    real.write_text("old\n")
+    link.symlink_to(real)
+    rc, _, err = run(capsys, "--model", standin, "--device", "cpu", "--input", src, "--output", link)
+    assert rc == 0, err
+    assert link.is_symlink()  # the file it points to was replaced, not the link
+    assert_scored(model, rows, read_output(real.read_text(), "jsonl"))
+
+    fifo = tmp_path / "fifo"  # like /dev/null or /dev/stdout: written into, never renamed over
+    os.mkfifo(fifo)
+    received = []
+    reader = threading.Thread(target=lambda: received.append(fifo.read_text()), daemon=True)
+    reader.start()
+    rc, _, err = run(capsys, "--model", standin, "--device", "cpu", "--input", src, "--output", fifo)
+    reader.join(timeout=30)
+    assert rc == 0, err
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode)
+    assert_scored(model, rows, read_output(received[0], "jsonl"))
+
+
+def test_interrupt_leaves_no_output(standin, tmp_path, monkeypatch, capsys):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(src, "jsonl", [{"query": q, "passage": p} for q, p in PAIRS])
+
+    def interrupted(self, pairs, **kw):
+        raise KeyboardInterrupt
+
+    from minilm import CrossEncoder
+
+    monkeypatch.setattr(CrossEncoder, "predict", interrupted)
+    rc, out, err = run(capsys, "--model", standin, "--device", "cpu", "--input", src, "--output", dst)
+    assert rc == 130
+    assert "interrupted" in err and "Traceback" not in err
+    assert list(tmp_path.iterdir()) == [src]
+
+
+BAD_INPUTS = {
+    "malformed-json": ("in.jsonl", '{"query": "q", "passage": "p"}\n{"query": "q", "passage": "p"\n', ":2", "malformed JSON"),
+    "not-an-object": ("in.jsonl", '["q", "p"]\n', ":1", "expected a JSON object"),
+    "missing-field": ("in.jsonl", '{"query": "q", "passage": "p"}\n{"query": "q", "text": "p"}\n', ":2", "missing field 'passage'"),
+    "empty-passage": ("in.jsonl", '{"query": "q", "passage": "  "}\n', ":1", "'passage' is empty"),
+    "number-passage": ("in.jsonl", '{"query": "q", "passage": 3}\n', ":1", "expected text"),
+    "tsv-columns": ("in.tsv", "query\tpassage\nq\tp\nq\tp\textra\n", ":3", "expected 2 fields"),
+    "csv-missing-column": ("in.csv", "query,text\nq,p\n", ":2", "missing field 'passage'"),
+    "unknown-extension": ("in.txt", '{"query": "q", "passage": "p"}\n', "", "cannot tell the format"),
+    "empty-file": ("in.jsonl", "", "", "no rows"),
+    "header-only": ("in.csv", "query,passage\n", "", "no rows"),
+    "not-utf8": ("in.tsv", b"query\tpassage\nq\t\xff\xfe\n", "", "utf-8"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_exits_2_naming_file_and_line(tmp_path, monkeypatch, capsys, case):
+    monkeypatch.setattr(infer, "load_model", no_load)  # files are checked before the model is loaded
+    name, content, line, problem = BAD_INPUTS[case]
+    src = tmp_path / name
+    src.write_bytes(content if isinstance(content, bytes) else content.encode())
+    dst = tmp_path / ("out" + src.suffix)
+    rc, out, err = run(capsys, "--input", src, "--output", dst)
+    assert rc == 2
+    assert out == ""
+    assert_one_line_error(err, f"{src}{line}", problem)
+    assert list(tmp_path.iterdir()) == [src]
+
+
+def test_missing_input_file(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(infer, "load_model", no_load)
+    missing = tmp_path / "missing.jsonl"
+    rc, _, err = run(capsys, "--input", missing, "--output", tmp_path / "out.jsonl")
+    assert rc == 2
+    assert_one_line_error(err, str(missing), "No such file")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_run_leaves_existing_output_untouched(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(infer, "load_model", no_load)
+    src, dst = tmp_path / "in.csv", tmp_path / "out.csv"
+    src.write_text('query,passage\nq,p\n"q,"unterminated\n')
+    dst.write_text("precious\n")
+    rc, _, err = run(capsys, "--input", src, "--output", dst)
+    assert rc == 2
+    assert_one_line_error(err, f"{src}:")
+    assert dst.read_text() == "precious\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.csv", "out.csv"]
+
+
+def test_failed_stream_leaves_existing_output_untouched(standin, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", io.StringIO('{"query": "q", "passage": "p"}\n{"query": "", "passage": "p"}\n'))
+    dst = tmp_path / "out.jsonl"
+    dst.write_text("precious\n")
+    rc, _, err = run(capsys, "--model", standin, "--device", "cpu", "--input", "-", "--output", dst)
+    assert rc == 2
+    assert_one_line_error(err, "<stdin>:2", "'query' is empty")
+    assert dst.read_text() == "precious\n"
+    assert list(tmp_path.iterdir()) == [dst]
+
+
+@pytest.mark.parametrize("output, problem", [("out.tsv", "keeps the input's format"), ("nodir/out.jsonl", "no such directory"),
+                                             (".", "is a directory")])
+def test_bad_output(tmp_path, monkeypatch, capsys, output, problem):
+    monkeypatch.setattr(infer, "load_model", no_load)
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"query": "q", "passage": "p"}\n')
+    rc, _, err = run(capsys, "--input", src, "--output", tmp_path / output)
+    assert rc == 2
+    assert_one_line_error(err, problem)
+    assert list(tmp_path.iterdir()) == [src]
+
+
+# ------------------------------------------------------------------------------------------- model and argument errors
+
+def test_unknown_model_dir(tmp_path, capsys):
+    rc, out, err = run(capsys, "--model", tmp_path / "no-such-model", "q", "p")
+    assert rc == 2 and out == ""
+    assert_one_line_error(err, "cannot load model", str(tmp_path / "no-such-model"), "no such directory")
+
+    (tmp_path / "empty").mkdir()
+    rc, _, err = run(capsys, "--model", tmp_path / "empty", "q", "p")
+    assert rc == 2
+    assert_one_line_error(err, "not a checkpoint directory")
+
+
+def test_model_error_in_file_mode_leaves_no_output(tmp_path, capsys):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text('{"query": "q", "passage": "p"}\n')
+    rc, _, err = run(capsys, "--model", tmp_path / "no-such-model", "--input", src, "--output", dst)
+    assert rc == 2
+    assert_one_line_error(err, "no such directory")
+    assert list(tmp_path.iterdir()) == [src]
+
+
+@pytest.mark.parametrize("argv, problem", [
+    (["--max-length", "1000"], "exceeds"),
+    (["--device", "no-such-device"], "--device no-such-device"),
+])
+def test_bad_model_options(standin, capsys, argv, problem):
+    rc, _, err = run(capsys, "--model", standin, *argv, "q", "p")
+    assert rc == 2
+    assert_one_line_error(err, problem)
+
+
+@pytest.mark.parametrize("argv", [
+    [],
+    ["q"],
+    ["q", " "],
+    ["q", "p", "--input", "x.jsonl"],
+    ["q", "p", "--output", "x.jsonl"],
+    ["q", "p", "--format", "tsv"],
+    ["--input", "x.jsonl", "--top-k", "1"],
+    ["--input", "x.jsonl", "--json"],
+    ["--input", "x.jsonl", "--format", "xml"],
+    ["--batch-size", "0", "q", "p"],
+    ["--top-k", "two", "q", "p"],
+    ["--dtype", "fp64", "q", "p"],
+])
+def test_argument_errors_exit_2(capsys, argv):
+    rc, out, err = run(capsys, *argv)
+    assert rc == 2
+    assert out == ""
+    assert "infer.py: error:" in err and "Traceback" not in err
+
+
+def test_help_exits_0(capsys):
+    rc, out, _ = run(capsys, "--help")
+    assert rc == 0
+    assert "examples:" in out
+    for option in ("--model", "--revision", "--batch-size", "--max-length", "--device", "--dtype", "--sigmoid",
+                   "--top-k", "--quiet", "--json", "--format", "--input", "--output"):
+        assert option in out
+
