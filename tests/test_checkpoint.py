@@ -1,0 +1,248 @@
+"""Reading and writing checkpoints: the save/load round trip, the layouts found in the wild, and clear errors.
+
+Every checkpoint here is derived from the stand-in in a tmp dir; scores are checked against the golden outputs of
+sentence-transformers 5.1.0 (or bitwise against the stand-in itself where the weights are the same)."""
+
+import json
+import os
+import re
+import shutil
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from minilm import CrossEncoder
+from minilm.checkpoint import CheckpointError
+from standin import encoder_dir
+
+IDENTITY = "torch.nn.modules.linear.Identity"
+SIGMOID = "torch.nn.modules.activation.Sigmoid"
+TOL = 1e-5
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+
+
+def make_variant(src, dst, *, state=None, config=None, weights="model.safetensors", files=TOKENIZER_FILES):
+    """A checkpoint folder from the stand-in: `state` / `config` replace its tensors / config.json (else symlinks)."""
+    dst.mkdir(parents=True)
+    if state is None:
+        os.symlink(src / "model.safetensors", dst / weights) if weights == "model.safetensors" else None
+    elif weights == "model.safetensors":
+        save_file(state, dst / weights, metadata={"format": "pt"})
+    else:
+        torch.save(state, dst / weights)
+    if config is not None:
+        (dst / "config.json").write_text(json.dumps(config, indent=2))
+    else:
+        os.symlink(src / "config.json", dst / "config.json")
+    for name in files:
+        os.symlink(src / name, dst / name)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def standin_state(standin_dir):
+    return load_file(standin_dir / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def standin_config(standin_dir):
+    return json.loads((standin_dir / "config.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny(golden, golden_pairs, tiny_indices):
+    """(pairs, golden logits) for the golden pairs of at most 40 tokens."""
+    return [golden_pairs[i] for i in tiny_indices], np.asarray([golden["logits"]["512"]["32"][i] for i in tiny_indices])
+
+
+@pytest.fixture(scope="module")
+def short(golden, golden_pairs, short_indices):
+    """(pairs, golden logits) for the golden pairs of at most 128 tokens."""
+    return [golden_pairs[i] for i in short_indices], np.asarray([golden["logits"]["512"]["32"][i] for i in short_indices])
+
+
+def max_diff(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# save_pretrained -> from_pretrained
+
+
+def test_save_pretrained_round_trip_is_exact(standin_model, standin_state, short, tmp_path):
+    pairs, gold = short
+    out = tmp_path / "saved"
+    standin_model.save_pretrained(out)
+    loaded = CrossEncoder.from_pretrained(out, device="cpu")
+
+    before, after = standin_model.model.state_dict(), loaded.model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    ours, theirs = standin_model.score_logits(pairs), loaded.score_logits(pairs)
+    assert torch.equal(ours, theirs)  # bitwise
+    assert max_diff(theirs.numpy(), gold) <= TOL
+
+    config = json.loads((out / "config.json").read_text())
+    assert config["sentence_transformers"]["activation_fn"] == IDENTITY
+    assert "sbert_ce_default_activation_function" not in config
+    assert config["architectures"] == ["BertForSequenceClassification"] and config["model_type"] == "bert"
+    assert config["id2label"] == {"0": "LABEL_0"} and config["num_hidden_layers"] == 6
+    assert loaded.activation == IDENTITY
+
+    with safe_open(str(out / "model.safetensors"), framework="pt") as f:
+        keys = set(f.keys())
+        assert f.metadata() == {"format": "pt"}
+        assert {f.get_slice(k).get_dtype() for k in keys} == {"F32"}
+    assert len(keys) == 105 and keys == set(standin_state)
+    assert not any("position_ids" in k for k in keys)
+    for name in TOKENIZER_FILES:
+        assert (out / name).read_bytes() == (standin_model.source_dir / name).read_bytes()
+
+    loaded.save_pretrained(out)  # saving over the folder it was loaded from keeps it intact
+    again = CrossEncoder.from_pretrained(out, device="cpu")
+    assert torch.equal(again.score_logits(pairs), ours)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# layouts found in the wild
+
+
+def test_bare_bert_model_checkpoint(standin_model, standin_state, short):
+    """all-MiniLM-L6-v2 as published: a BertModel (no `bert.` prefix, no classifier, old position_ids buffer)."""
+    with pytest.warns(UserWarning, match=r"classifier\.(weight|bias).*initialised"):
+        bare = CrossEncoder.from_pretrained(encoder_dir(), device="cpu")
+    state = bare.model.state_dict()
+    for key, value in standin_state.items():
+        if not key.startswith("classifier."):
+            assert torch.equal(state[key], value), key
+    head = bare.model.classifier
+    assert torch.count_nonzero(head.bias) == 0
+    assert 0.01 < head.weight.std().item() < 0.03 and not torch.equal(head.weight, standin_state["classifier.weight"])
+    assert bare.activation == SIGMOID  # no activation in its config: ST's default for 1 label
+    with torch.no_grad():
+        head.weight.copy_(standin_state["classifier.weight"])
+    pairs, gold = short
+    assert max_diff(bare.predict(pairs, activation="identity"), gold) <= TOL
+
+
+def test_position_ids_buffer_is_ignored(standin_dir, standin_state, standin_model, short, tmp_path):
+    state = dict(standin_state)
+    state["bert.embeddings.position_ids"] = torch.arange(512).unsqueeze(0)
+    folder = make_variant(standin_dir, tmp_path / "with_position_ids", state=state)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model = CrossEncoder.from_pretrained(folder, device="cpu")
+    pairs, _ = short
+    assert torch.equal(model.score_logits(pairs), standin_model.score_logits(pairs))
+
+
+def test_pytorch_model_bin_only(standin_dir, standin_state, standin_model, short, tmp_path):
+    folder = make_variant(standin_dir, tmp_path / "bin", state=standin_state, weights="pytorch_model.bin")
+    assert not (folder / "model.safetensors").exists()
+    model = CrossEncoder.from_pretrained(folder, device="cpu")
+    state = model.model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in standin_state.items())
+    pairs, gold = short
+    assert torch.equal(model.score_logits(pairs), standin_model.score_logits(pairs))
+    assert max_diff(model.predict(pairs), gold) <= TOL
+
+
+def test_vocab_txt_without_tokenizer_json(standin_dir, golden, golden_pairs, tmp_path):
+    files = ("tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+    folder = make_variant(standin_dir, tmp_path / "vocab_only", files=files)
+    assert not (folder / "tokenizer.json").exists()
+    for max_length, key in ((None, "512"), (64, "64")):
+        model = CrossEncoder.from_pretrained(folder, device="cpu", max_length=max_length)
+        encodings = model.tokenizer.encode(golden_pairs)
+        wrong = [n for n, e, ids in zip(golden["names"], encodings, golden["input_ids"][key]) if e.ids != ids]
+        assert not wrong, f"vocab.txt tokenizer differs from tokenizer.json (max_length {key}) on {wrong}"
+        assert [e.type_ids.count(0) for e in encodings] == golden["segment_a_length"][key]
+
+
+def test_two_layer_model(standin_dir, standin_state, standin_config, golden, golden_pairs, tmp_path):
+    """A config with num_hidden_layers 2 (layers 2..5 dropped) loads and scores like sentence-transformers."""
+    keep = golden["two_layer_logits"]["num_hidden_layers"]
+    state = {k: v for k, v in standin_state.items() if not (k.startswith("bert.encoder.layer.") and int(k.split(".")[3]) >= keep)}
+    config = dict(standin_config, num_hidden_layers=keep)
+    model = CrossEncoder.from_pretrained(make_variant(standin_dir, tmp_path / "two", state=state, config=config), device="cpu")
+    assert len(model.model.bert.encoder.layer) == keep
+    assert max_diff(model.predict(golden_pairs), golden["two_layer_logits"]["logits"]) <= TOL
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# errors
+
+
+def _drop(state, key):
+    return {k: v for k, v in state.items() if k != key}
+
+
+@pytest.mark.parametrize(
+    "case, key, edit",
+    [
+        ("missing", "bert.encoder.layer.3.attention.self.key.bias", lambda s, k: _drop(s, k)),
+        ("missing", "bert.embeddings.LayerNorm.weight", lambda s, k: _drop(s, k)),
+        ("mis-shaped", "classifier.weight", lambda s, k: {**s, k: torch.zeros(2, 384)}),  # a 2-label head
+        ("mis-shaped", "bert.pooler.dense.weight", lambda s, k: {**s, k: s[k][:, :383].contiguous()}),
+        ("unexpected", "bert.encoder.layer.6.attention.self.query.weight", lambda s, k: {**s, k: torch.zeros(384, 384)}),
+        ("unexpected", "lm_head.bias", lambda s, k: {**s, k: torch.zeros(30522)}),
+    ],
+)
+def test_bad_tensor_raises_naming_the_key(standin_dir, standin_state, tmp_path, case, key, edit):
+    folder = make_variant(standin_dir, tmp_path / "bad", state=edit(standin_state, key))
+    with pytest.raises(CheckpointError, match=re.escape(key)) as err:
+        CrossEncoder.from_pretrained(folder, device="cpu")
+    assert {"missing": "missing", "mis-shaped": "shape", "unexpected": "unexpected"}[case] in str(err.value)
+
+
+def test_folder_without_config_json(standin_dir, tmp_path):
+    folder = tmp_path / "no_config"
+    folder.mkdir()
+    os.symlink(standin_dir / "model.safetensors", folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"no config\.json"):
+        CrossEncoder.from_pretrained(folder, device="cpu")
+    with pytest.raises(CheckpointError, match="no such directory"):
+        CrossEncoder.from_pretrained(tmp_path / "does" / "not" / "exist", device="cpu")
+
+
+def test_folder_without_weights(standin_dir, tmp_path):
+    folder = tmp_path / "no_weights"
+    folder.mkdir()
+    shutil.copyfile(standin_dir / "config.json", folder / "config.json")
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        CrossEncoder.from_pretrained(folder, device="cpu")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# the activation a checkpoint asks for (sentence-transformers 5.1.0 rules)
+
+
+@pytest.mark.parametrize(
+    "new_key, legacy_key, expected",
+    [
+        (None, IDENTITY, IDENTITY),  # the ms-marco base / the stand-in: legacy key only
+        (IDENTITY, None, IDENTITY),  # what ST 5.1.0 and minilm write
+        (SIGMOID, IDENTITY, SIGMOID),  # config.json["sentence_transformers"] wins over the legacy key
+        (None, SIGMOID, SIGMOID),
+        (None, None, SIGMOID),  # neither: Sigmoid, ST's default for a 1-label model
+    ],
+)
+def test_default_activation(standin_dir, standin_config, tiny, tmp_path, new_key, legacy_key, expected):
+    config = {k: v for k, v in standin_config.items() if k != "sbert_ce_default_activation_function"}
+    if new_key:
+        config["sentence_transformers"] = {"activation_fn": new_key, "version": "5.1.0"}
+    if legacy_key:
+        config["sbert_ce_default_activation_function"] = legacy_key
+    model = CrossEncoder.from_pretrained(make_variant(standin_dir, tmp_path / "act", config=config), device="cpu")
+    assert model.activation == expected
+    pairs, gold = tiny
+    want = gold if expected == IDENTITY else 1 / (1 + np.exp(-gold))
+    assert max_diff(model.predict(pairs), want) <= TOL
+    model.save_pretrained(tmp_path / "resaved")  # the choice survives a save, in the key every ST version reads
+    saved = json.loads((tmp_path / "resaved" / "config.json").read_text())
+    assert saved["sentence_transformers"]["activation_fn"] == expected and "sbert_ce_default_activation_function" not in saved
+    assert CrossEncoder.from_pretrained(tmp_path / "resaved", device="cpu").activation == expected

@@ -1,0 +1,135 @@
+"""Hub ids resolved through huggingface_hub's cache, offline, against a cache laid out by the test itself.
+
+huggingface_hub reads HF_HUB_CACHE / HF_HUB_OFFLINE into `huggingface_hub.constants` when it is first imported
+(true for 0.2x/0.3x and for 1.x/2.x), so setting the environment variables is not enough once it is imported: the
+fixture patches both the environment and the constants. Nothing here touches the network."""
+
+import hashlib
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import minilm.checkpoint
+from minilm import CrossEncoder
+from minilm.checkpoint import CheckpointError
+
+REPO_ID = "org/name"
+MAIN = "0123456789abcdef0123456789abcdef01234567"
+OTHER = "fedcba9876543210fedcba9876543210fedcba98"
+FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
+TOL = 1e-5
+
+
+@pytest.fixture
+def hub_cache(tmp_path, monkeypatch):
+    import huggingface_hub.constants as constants
+
+    cache = tmp_path / "hf_home" / "hub"
+    cache.mkdir(parents=True)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    if hasattr(constants, "HF_HOME"):
+        monkeypatch.setattr(constants, "HF_HOME", str(tmp_path / "hf_home"))
+    return cache
+
+
+def lay_out(cache, repo_id, commit, src, refs=("main",), files=FILES):
+    """The cache as `hf download` leaves it: blobs/<etag>, snapshots/<commit>/<file> -> ../../blobs/<etag>, refs/<ref>."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    (repo / "blobs").mkdir(exist_ok=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    for name in files:
+        blob = repo / "blobs" / hashlib.sha256(f"{commit}/{name}".encode()).hexdigest()
+        try:
+            os.link(src / name, blob)  # a plain file, without copying 90 MB
+        except OSError:
+            blob.write_bytes((src / name).read_bytes())
+        (snapshot / name).symlink_to(os.path.relpath(blob, snapshot))
+    for ref in refs:
+        (repo / "refs" / ref).write_text(commit)  # no newline: huggingface_hub reads the file verbatim
+    return snapshot
+
+
+@pytest.fixture(scope="module")
+def short(golden, golden_pairs, tiny_indices):
+    return [golden_pairs[i] for i in tiny_indices], np.asarray([golden["logits"]["512"]["32"][i] for i in tiny_indices])
+
+
+@pytest.fixture(scope="module")
+def negated_head_dir(standin_dir, tmp_path_factory):
+    """The stand-in with the classifier weight negated (bias is 0): its logits are exactly minus the stand-in's."""
+    out = tmp_path_factory.mktemp("negated")
+    state = load_file(standin_dir / "model.safetensors")
+    state["classifier.weight"] = -state["classifier.weight"]
+    save_file(state, out / "model.safetensors", metadata={"format": "pt"})
+    for name in FILES:
+        if name != "model.safetensors":
+            (out / name).symlink_to(standin_dir / name)
+    return out
+
+
+def max_diff(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))))
+
+
+def test_hub_id_loads_from_the_cache(hub_cache, standin_dir, standin_model, short):
+    snapshot = lay_out(hub_cache, REPO_ID, MAIN, standin_dir)
+    model = CrossEncoder.from_pretrained(REPO_ID, device="cpu")
+    assert model.source_dir.resolve() == snapshot.resolve()
+    pairs, gold = short
+    assert torch.equal(model.score_logits(pairs), standin_model.score_logits(pairs))
+    assert max_diff(model.predict(pairs), gold) <= TOL
+    assert model.activation == "torch.nn.modules.linear.Identity"
+
+
+def test_revisions(hub_cache, standin_dir, negated_head_dir, short):
+    lay_out(hub_cache, REPO_ID, MAIN, standin_dir)
+    lay_out(hub_cache, REPO_ID, OTHER, negated_head_dir, refs=("other",))
+    pairs, gold = short
+    for revision, sign in ((None, 1), ("main", 1), (MAIN, 1), ("other", -1), (OTHER, -1)):
+        model = CrossEncoder.from_pretrained(REPO_ID, revision=revision, device="cpu")
+        assert model.source_dir.name == (MAIN if sign == 1 else OTHER), revision
+        assert max_diff(model.predict(pairs), sign * gold) <= TOL, revision
+    with pytest.raises(CheckpointError, match="not in the Hugging Face cache"):
+        CrossEncoder.from_pretrained(REPO_ID, revision="no-such-branch", device="cpu")
+
+
+def test_tokenizer_json_missing_from_the_snapshot(hub_cache, standin_dir, golden, golden_pairs):
+    """A snapshot with vocab.txt but no tokenizer.json (older Hub repos) still tokenizes like sentence-transformers."""
+    lay_out(hub_cache, REPO_ID, MAIN, standin_dir, files=[f for f in FILES if f != "tokenizer.json"])
+    model = CrossEncoder.from_pretrained(REPO_ID, device="cpu")
+    assert [e.ids for e in model.tokenizer.encode(golden_pairs)] == golden["input_ids"]["512"]
+
+
+def test_model_absent_from_the_cache(hub_cache, standin_dir):
+    lay_out(hub_cache, REPO_ID, MAIN, standin_dir)
+    with pytest.raises(CheckpointError) as err:
+        CrossEncoder.from_pretrained("org/absent-model", device="cpu")
+    message = str(err.value)
+    assert "org/absent-model" in message
+    assert "not in the Hugging Face cache" in message and "HF_HUB_OFFLINE" in message
+    assert re.search(r"pass its directory|local (copy|directory)", message) and "weights/" in message
+    assert not (hub_cache / "models--org--absent-model" / "snapshots").exists()  # nothing was downloaded
+
+
+def test_name_under_weights(hub_cache, standin_dir, short, tmp_path, monkeypatch):
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "my-reranker").symlink_to(standin_dir, target_is_directory=True)
+    monkeypatch.setattr(minilm.checkpoint, "WEIGHTS_DIRS", (tmp_path / "elsewhere", weights))
+    pairs, gold = short
+    for name in ("my-reranker", "someone/my-reranker"):  # a Hub-style id finds the folder by its last part
+        model = CrossEncoder.from_pretrained(name, device="cpu")
+        assert model.source_dir == weights / "my-reranker"
+        assert max_diff(model.predict(pairs), gold) <= TOL
+    with pytest.raises(CheckpointError, match="not in the Hugging Face cache"):
+        CrossEncoder.from_pretrained("someone/not-there", device="cpu")
