@@ -12,6 +12,7 @@ import json
 import os
 import tempfile
 import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -92,8 +93,26 @@ def read_state_dict(folder: Path) -> dict:
     return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
 
 
+@contextmanager
+def skip_init():
+    """Build modules without drawing random weights that the checkpoint is about to replace (~0.2 s of a cold start)."""
+    layers = (torch.nn.Linear, torch.nn.Embedding, torch.nn.LayerNorm)
+    saved = [cls.reset_parameters for cls in layers]
+    for cls in layers:
+        cls.reset_parameters = lambda self: None
+    try:
+        yield
+    finally:
+        for cls, reset in zip(layers, saved):
+            cls.reset_parameters = reset
+
+
 def load_weights(model: torch.nn.Module, state: dict, source) -> None:
-    """Copy `state` into `model`, asserting that every tensor has a place and every place a tensor of the right shape.
+    """Put `state` into `model`, asserting that every tensor has a place and every place a tensor of the right shape.
+
+    The tensors become the parameters themselves (`assign=True`): a memory-mapped safetensors file is then read
+    lazily and never copied (copy-on-write if trained), which keeps a cold start small. transformers also computes
+    on memory-mapped weights, so CPU kernels see the same (unaligned) addresses as in the reference.
 
     Tolerated like transformers does: keys of a bare BertModel (no `bert.` prefix), the obsolete
     `embeddings.position_ids` buffer, and a missing pooler or classifier (initialised as transformers would, with a
@@ -112,7 +131,8 @@ def load_weights(model: torch.nn.Module, state: dict, source) -> None:
     for key, tensor in state.items():
         if tensor.shape != expected[key].shape:
             raise CheckpointError(f"{source}: tensor {key} has shape {list(tensor.shape)}, the config expects {list(expected[key].shape)}")
-    model.load_state_dict(state, strict=False)
+    state = {k: v if v.dtype == torch.float32 else v.float() for k, v in state.items()}  # fp16/bf16 checkpoints
+    model.load_state_dict(state, strict=False, assign=True)
     if initialised:
         warnings.warn(f"{source}: {', '.join(initialised)} not in the checkpoint, initialised randomly; fine-tune before use")
         std = model.config.initializer_range

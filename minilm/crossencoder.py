@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import TOKENIZER_FILES, atomic_write, load_weights, read_state_dict, resolve, save_weights, write_json
+from .checkpoint import (TOKENIZER_FILES, atomic_write, load_weights, read_state_dict, resolve, save_weights, skip_init,
+                         write_json)
 from .model import Config, CrossEncoderModel
 from .tokenizer import PairTokenizer
 
@@ -91,7 +92,8 @@ class CrossEncoder:
         folder = resolve(str(name_or_path), revision)
         hf_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         config = Config.from_hf(hf_config)
-        model = CrossEncoderModel(config)
+        with skip_init():
+            model = CrossEncoderModel(config)
         load_weights(model, read_state_dict(folder), folder)
         tokenizer = PairTokenizer.from_dir(folder, max_length, config.max_position_embeddings)
         ce = cls(model, tokenizer, hf_config, folder)

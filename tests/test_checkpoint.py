@@ -147,7 +147,9 @@ def test_pytorch_model_bin_only(standin_dir, standin_state, standin_model, short
     state = model.model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in standin_state.items())
     pairs, gold = short
-    assert torch.equal(model.score_logits(pairs), standin_model.score_logits(pairs))
+    # same values, but torch.load gives aligned memory where safetensors is memory-mapped at unaligned addresses, and
+    # CPU GEMV kernels round the last bit differently for those (semantics.md section 1): not bitwise, within 1e-6
+    assert (model.score_logits(pairs) - standin_model.score_logits(pairs)).abs().max() <= 1e-6
     assert max_diff(model.predict(pairs), gold) <= TOL
 
 
