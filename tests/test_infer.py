@@ -2,7 +2,7 @@
 
 Most cases call `infer.main([...])` in-process; a few run `python infer.py` in a subprocess to check what only a real
 process shows (exit status, no traceback, torch not imported for --help and argument errors). The model is the
-stand-in checkpoint of tests/standin.py, built once for this module; its scores mean nothing, only agreement with
+stand-in checkpoint of tests/standin.py (conftest.py builds it once); its scores mean nothing, only agreement with
 `CrossEncoder.predict` on the same pairs matters.
 """
 
@@ -24,7 +24,6 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 import infer  # noqa: E402
-from standin import build_standin  # noqa: E402
 
 QUERY = "what is the capital of france"
 PASSAGES = ["Paris is the capital and largest city of France.", "Berlin is in Germany.", "Bananas are yellow."]
@@ -36,16 +35,14 @@ PAIRS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def standin(tmp_path_factory) -> Path:
-    return build_standin(tmp_path_factory.mktemp("standin"))
+@pytest.fixture
+def standin(standin_dir) -> Path:  # the session's stand-in checkpoint (conftest.py)
+    return standin_dir
 
 
-@pytest.fixture(scope="module")
-def model(standin):
-    from minilm import CrossEncoder
-
-    return CrossEncoder.from_pretrained(standin, device="cpu")
+@pytest.fixture
+def model(standin_model):
+    return standin_model
 
 
 def run(capsys, *argv):

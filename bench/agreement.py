@@ -1,0 +1,72 @@
+"""Do the fast dtypes rank like fp32? Top-1 agreement per query and Spearman correlation, on TyDi-ru test.
+
+    python bench/agreement.py --model DIR                  # bf16 and int8 against fp32, all 4,340 test pairs
+    python bench/agreement.py --model DIR --queries 50     # the first 50 queries only
+
+For every query (20 candidates each) the passage ranked first in fp32 is compared with the one ranked first by the
+reduced-precision model; Spearman's rho is computed over all pair scores. Also prints each dtype's pairs/s on this
+data and its max |score - fp32|. Runs on minilm alone (no reference library needed).
+"""
+
+import argparse
+import json
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+TEST = REPO.parent / "shared" / "data" / "tydiqa_ru" / "test.jsonl"
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    ranks = [np.argsort(np.argsort(x, kind="stable"), kind="stable").astype(np.float64) for x in (a, b)]
+    return float(np.corrcoef(*ranks)[0, 1])
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="checkpoint directory or name")
+    ap.add_argument("--queries", type=int, help="only the first N queries")
+    ap.add_argument("--dtypes", default="bf16,int8")
+    ap.add_argument("--batch-size", type=int, default=32)
+    args = ap.parse_args()
+
+    from minilm import CrossEncoder
+
+    rows = [json.loads(line) for line in TEST.read_text(encoding="utf-8").splitlines()]
+    groups = defaultdict(list)
+    for i, row in enumerate(rows):
+        groups[row["qid"]].append(i)
+    qids = list(groups)[: args.queries]
+    keep = [i for q in qids for i in groups[q]]
+    pairs = [(rows[i]["query"], rows[i]["passage"]) for i in keep]
+    position = {i: k for k, i in enumerate(keep)}
+
+    def score(dtype):
+        ce = CrossEncoder.from_pretrained(args.model, device="cpu", dtype=dtype)
+        t = time.perf_counter()
+        scores = ce.predict(pairs, batch_size=args.batch_size)
+        return scores, len(pairs) / (time.perf_counter() - t)
+
+    reference, speed = score("fp32")
+    top1 = {q: max(groups[q], key=lambda i: reference[position[i]]) for q in qids}
+    print(f"{len(qids)} queries, {len(pairs)} pairs; fp32 {speed:.1f} pairs/s\n")
+    print("| dtype | pairs/s | same top-1 | Spearman vs fp32 | max abs diff |")
+    print("|---|---|---|---|---|")
+    for dtype in args.dtypes.split(","):
+        try:
+            scores, speed = score(dtype)
+        except ValueError as e:
+            print(f"| {dtype} | refused: {e} | | | |")
+            continue
+        same = np.mean([max(groups[q], key=lambda i: scores[position[i]]) == top1[q] for q in qids])
+        print(f"| {dtype} | {speed:.1f} | {same:.1%} | {spearman(reference, scores):.4f} | "
+              f"{np.abs(scores - reference).max():.1e} |")
+
+
+if __name__ == "__main__":
+    main()

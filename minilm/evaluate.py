@@ -1,0 +1,55 @@
+"""Score a labelled pair file with a cross-encoder and print MRR@10, NDCG@10 and R@1.
+
+    python -m minilm.evaluate --model runs/ft --data test.jsonl
+
+The file is JSONL/TSV/CSV with query/passage (or sentence_0/sentence_1), label and optionally qid; candidates are
+grouped by qid, or by query text when there is none (see minilm/metrics.py for the definitions). Bad data or a
+checkpoint that cannot be loaded: one error line and exit status 2.
+"""
+
+import argparse
+import sys
+
+import torch
+
+from .checkpoint import CheckpointError
+from .crossencoder import CrossEncoder
+from .data import DataError, read_pairs
+from .metrics import rerank_metrics
+
+
+def evaluate(ce, pairs, batch_size: int = 32) -> dict:
+    """Metrics of CrossEncoder `ce` on labelled `pairs` (data.Pair); raw logits rank the same as any monotone activation."""
+    with torch.inference_mode():
+        scores = ce.score_logits([(p.query, p.passage) for p in pairs], batch_size).numpy()
+    groups = [p.qid if p.qid is not None else p.query for p in pairs]
+    return rerank_metrics(groups, [p.label for p in pairs], scores)
+
+
+def format_metrics(m: dict) -> str:
+    return f"MRR@10 {m['mrr@10']:.4f} | NDCG@10 {m['ndcg@10']:.4f} | R@1 {m['r@1']:.4f} | {m['queries']} queries"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m minilm.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="cross-encoder/ms-marco-MiniLM-L6-v2", help="local dir, name under weights/, or Hub id")
+    parser.add_argument("--data", required=True, help="labelled pairs: .jsonl, .tsv or .csv")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=None, help="tokens per pair (default: the checkpoint's, 512)")
+    parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
+    args = parser.parse_args(argv)
+    try:
+        pairs = read_pairs(args.data, require_label=True)
+    except DataError as e:
+        parser.exit(2, f"error: {e}\n")
+    try:
+        ce = CrossEncoder.from_pretrained(args.model, device=args.device, max_length=args.max_length)
+    except (CheckpointError, ValueError, OSError) as e:
+        parser.exit(2, f"error: {e}\n")
+    m = evaluate(ce, pairs, args.batch_size)
+    skipped = f", {m['skipped']} queries without a relevant passage left out" if m["skipped"] else ""
+    print(f"{format_metrics(m)} ({len(pairs)} pairs{skipped})")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

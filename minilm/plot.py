@@ -1,0 +1,41 @@
+"""A line chart as a standalone SVG string: enough for a loss curve, with no plotting library."""
+
+from html import escape
+
+
+def label(x, y, text, anchor="middle", size=12, rotate=False) -> str:
+    turn = f' transform="rotate(-90 {x} {y})"' if rotate else ""
+    return (f'<text x="{x:.1f}" y="{y:.1f}" text-anchor="{anchor}" font-family="sans-serif" font-size="{size}" '
+            f'fill="#333"{turn}>{escape(str(text))}</text>')
+
+
+def line_chart_svg(xs, ys, title: str = "", xlabel: str = "", ylabel: str = "", width: int = 640, height: int = 360) -> str:
+    """Polyline of (xs, ys) with min/max tick labels on both axes. Needs at least one point."""
+    left, right, top, bottom = 64, 16, 32, 44  # margins for the labels
+    x0, x1 = min(xs), max(xs)
+    y0, y1 = min(ys), max(ys)
+    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)  # a single point still gets a scale
+
+    def px(x):
+        return left + (x - x0) / (x1 - x0) * (width - left - right)
+
+    def py(y):
+        return height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)
+
+    points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xs, ys))
+    middle = (top + height - bottom) / 2
+    return "\n".join([
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}">',
+        f'<rect width="{width}" height="{height}" fill="white"/>',
+        f'<path d="M{left},{top} V{height - bottom} H{width - right}" fill="none" stroke="#888"/>',
+        f'<polyline points="{points}" fill="none" stroke="#1f77b4" stroke-width="1.5"/>',
+        *(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2" fill="#1f77b4"/>' for x, y in zip(xs, ys) if len(xs) <= 60),
+        label(width / 2, 20, title, size=14),
+        label(left - 6, py(y1) + 4, f"{y1:.4g}", anchor="end"),
+        label(left - 6, py(y0) + 4, f"{y0:.4g}", anchor="end"),
+        label(px(x0), height - bottom + 16, f"{x0:g}"),
+        label(px(x1), height - bottom + 16, f"{x1:g}"),
+        label((left + width - right) / 2, height - 8, xlabel),
+        label(14, middle, ylabel, rotate=True),
+        "</svg>",
+    ]) + "\n"

@@ -1,0 +1,411 @@
+"""Fine-tune a MiniLM/BERT cross-encoder on (query, passage, label) pairs with binary cross-entropy.
+
+    python train.py --train train.jsonl --output runs/ft                       # the model card's recipe
+    python train.py --model weights/x --train t.jsonl --output runs/ft --eval test.jsonl --epochs 1 --max-length 256
+    python train.py ... --resume latest                                        # continue from runs/ft/checkpoint-*
+    torchrun --nproc-per-node 2 train.py ...                                   # DDP, same global batch and order
+
+Options are `--key value` or `--key=value` for every field of TrainConfig below (`--help` lists them); their types are
+checked and unknown keys are refused (exit status 2, like bad data).
+
+This is the loop that sentence-transformers 5.1.0's CrossEncoderTrainer runs (transformers 4.56 Trainer, accelerate
+1.10) for the target model card, written out: on CPU in fp32 it reproduces the trainer's per-step losses, learning
+rates, gradient norms and final weights bit for bit (tests/test_train.py). What has to match, and why:
+  * global RNGs seeded AFTER the model is loaded (the Trainer's set_seed runs in its __init__);
+  * epoch e visits the rows in the order torch.randperm(N) gives with a fresh generator seeded seed + e (accelerate's
+    SeedableRandomSampler), in consecutive batches, the last partial batch kept;
+  * every epoch the DataLoader draws a base seed from the global CPU generator; on CPU the dropout masks come from that
+    generator, so the draw is repeated here;
+  * AdamW without fused/foreach arguments, two parameter groups (no weight decay on biases and LayerNorms), a linear
+    LambdaLR schedule stepped only when the fp16 GradScaler did not skip the step, clipping after unscaling;
+  * the logged loss is an fp32 tensor sum over the interval divided by its length.
+Sources: transformers/trainer.py (_inner_training_loop, create_optimizer), transformers/optimization.py,
+accelerate/data_loader.py (SeedableRandomSampler), torch/utils/data/dataloader.py (_BaseDataLoaderIter).
+
+Outputs in --output: the model in Hugging Face format (loads in minilm, sentence-transformers and transformers) with
+a README.md model card, log.jsonl (one record per --log-every steps at full precision, plus evaluations and the final
+totals), loss.svg, and checkpoint-STEP/ folders every --save-every steps: model, optimizer, scheduler, GradScaler,
+every RNG state and the position in the epoch, so that --resume ends with exactly the weights of an uninterrupted run.
+A checkpoint folder is written under a temporary name and renamed when complete.
+
+DDP (torchrun): --batch-size stays the GLOBAL batch. Every rank builds the same per-epoch permutation and the same
+global batches; rank r takes the r-th contiguous slice of each (16 rows on 2 ranks: rows 0-7 and 8-15). Each rank's
+mean loss is weighted by its share of the batch, so the gradient DDP averages is the gradient of the global batch mean
+and the optimizer sees what a single process would see, up to float rounding and dropout masks (drawn per rank).
+NCCL on GPUs, gloo on CPUs. Only rank 0 logs, evaluates and saves; each rank saves its own RNG state in checkpoints.
+"""
+
+import json
+import math
+import os
+import random
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch.nn.parallel import DistributedDataParallel as DDP
+from tqdm import tqdm
+
+from minilm.checkpoint import CheckpointError, atomic_write, write_json
+from minilm.crossencoder import CrossEncoder
+from minilm.data import DataError, read_pairs
+from minilm.evaluate import evaluate, format_metrics
+from minilm.plot import line_chart_svg
+
+
+@dataclass
+class TrainConfig:
+    model: str = "cross-encoder/ms-marco-MiniLM-L6-v2"  # local dir, name under weights/, or Hugging Face Hub id
+    train: str = ""  # required: .jsonl/.tsv/.csv with query/passage (or sentence_0/sentence_1) and label in [0, 1]
+    output: str = ""  # required: folder for the model, logs and checkpoints
+    eval: str = ""  # labelled pairs (qid optional) for MRR@10, NDCG@10, R@1 at the end and every --eval-every steps
+    epochs: int = 30
+    batch_size: int = 16  # global batch; split over ranks under torchrun
+    lr: float = 5e-5
+    warmup_ratio: float = 0.0  # linear warmup over ceil(ratio * total steps), then linear decay to 0
+    weight_decay: float = 0.0  # decoupled (AdamW); never applied to biases and LayerNorm parameters
+    max_grad_norm: float = 1.0  # clip the global gradient 2-norm; inf disables clipping
+    seed: int = 42
+    precision: str = "auto"  # auto (fp16 on CUDA, fp32 otherwise), fp32, fp16 (autocast + GradScaler), bf16 (autocast)
+    max_length: int = 0  # tokens per pair including [CLS] and 2x[SEP]; 0 = the checkpoint's (512)
+    log_every: int = 500
+    eval_every: int = 0  # 0 = evaluate only at the end
+    save_every: int = 0  # 0 = no checkpoints during training
+    keep_checkpoints: int = 2  # the newest N checkpoint-STEP folders are kept
+    resume: str = ""  # a checkpoint folder, or "latest" for the newest in --output
+    max_steps: int = 0  # > 0: train exactly this many steps, the schedule decaying to 0 there (overrides --epochs)
+    device: str = "auto"  # auto = cuda when available, else cpu
+    fp16_init_scale: float = 65536.0  # GradScaler settings (torch's defaults, the card's run)
+    fp16_growth_interval: int = 2000
+
+
+def die(message):
+    print(f"train.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def parse_config(argv) -> TrainConfig:
+    types = {f.name: f.type for f in fields(TrainConfig)}
+    if {"-h", "--help"} & set(argv):
+        defaults = asdict(TrainConfig())
+        print(__doc__.split("\n\n")[1] + "\n\noptions (default; the comments in TrainConfig say what each does):\n" + "\n".join(
+            f"  --{k.replace('_', '-'):<22} {types[k].__name__:<6} {defaults[k]!r}" for k in types))
+        sys.exit(0)
+    values, args = {}, list(argv)
+    while args:
+        arg = args.pop(0)
+        if not arg.startswith("--"):
+            die(f"unexpected argument {arg!r}; options look like --key value or --key=value")
+        key, has_value, value = arg[2:].partition("=")
+        name = key.replace("-", "_")
+        if name not in types:
+            die(f"unknown option --{key} (see --help)")
+        if not has_value:
+            if not args:
+                die(f"--{key} needs a value")
+            value = args.pop(0)
+        try:
+            values[name] = types[name](value)  # int("2.5") and float("x") raise: no silent coercion
+        except ValueError:
+            die(f"--{key} expects {types[name].__name__}, got {value!r}")
+    cfg = TrainConfig(**values)
+    for bad, message in [
+        (not cfg.train, "--train FILE is required"),
+        (not cfg.output, "--output DIR is required"),
+        (cfg.epochs < 1 or cfg.batch_size < 1 or cfg.log_every < 1 or cfg.keep_checkpoints < 1, "--epochs, --batch-size, --log-every and --keep-checkpoints must be at least 1"),
+        (min(cfg.max_length, cfg.eval_every, cfg.save_every, cfg.max_steps) < 0, "--max-length, --eval-every, --save-every and --max-steps cannot be negative"),
+        (not cfg.lr > 0 or not 0 <= cfg.warmup_ratio <= 1 or not cfg.weight_decay >= 0 or not cfg.max_grad_norm > 0, "need --lr > 0, 0 <= --warmup-ratio <= 1, --weight-decay >= 0, --max-grad-norm > 0"),
+        (cfg.precision not in ("auto", "fp32", "fp16", "bf16"), f"--precision must be auto, fp32, fp16 or bf16, got {cfg.precision!r}"),
+        (not cfg.fp16_init_scale > 0 or cfg.fp16_growth_interval < 1, "--fp16-init-scale must be > 0 and --fp16-growth-interval >= 1"),
+    ]:
+        if bad:
+            die(message)
+    return cfg
+
+
+cfg = parse_config(sys.argv[1:])
+out = Path(cfg.output)
+
+# -------------------------------------------------------------------------------------------- processes and device
+ddp = "RANK" in os.environ  # set by torchrun
+rank, world = (int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])) if ddp else (0, 1)
+if cfg.device == "auto":
+    cfg.device = "cuda" if torch.cuda.is_available() else "cpu"
+try:
+    device = torch.device(cfg.device)
+except RuntimeError as e:
+    die(f"--device: {e}")
+if ddp and device.type == "cuda":
+    device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    torch.cuda.set_device(device)
+if ddp:
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+master = rank == 0
+precision = cfg.precision if cfg.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
+amp_dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+
+
+def log(line):
+    if master:
+        tqdm.write(line)
+
+
+# ---------------------------------------------------------------------------------------------------------- data
+try:  # every row of both files is checked before anything is loaded or written
+    train_pairs = read_pairs(cfg.train, require_label=True)
+    eval_pairs = read_pairs(cfg.eval, require_label=True) if cfg.eval else []
+except DataError as e:
+    die(e)
+N = len(train_pairs)
+steps_per_epoch = math.ceil(N / cfg.batch_size)
+total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+epochs = math.ceil(total_steps / steps_per_epoch)
+
+# --------------------------------------------------------------------------------------------------------- model
+try:
+    ce = CrossEncoder.from_pretrained(cfg.model, device=device, max_length=cfg.max_length or None)
+except (CheckpointError, ValueError, OSError) as e:
+    die(e)
+model = ce.model  # fp32 parameters; autocast lowers the precision of the forward only
+train_model = DDP(model, device_ids=[device] if device.type == "cuda" else None) if ddp else model
+
+random.seed(cfg.seed)  # transformers.set_seed, called by the Trainer once the model exists
+np.random.seed(cfg.seed)
+torch.manual_seed(cfg.seed)  # CPU and every CUDA device
+
+# ------------------------------------------------------------------------------------- optimizer and lr schedule
+no_decay = {n for n, _ in model.named_parameters() if "bias" in n or "norm" in n.lower()}  # transformers' rule
+optimizer = torch.optim.AdamW(  # no fused/foreach arguments: torch's default kernel choice, as optim="adamw_torch"
+    [{"params": [p for n, p in model.named_parameters() if n not in no_decay], "weight_decay": cfg.weight_decay},
+     {"params": [p for n, p in model.named_parameters() if n in no_decay], "weight_decay": 0.0}],
+    lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+warmup = math.ceil(cfg.warmup_ratio * total_steps)
+
+
+def lr_factor(s):  # transformers.get_linear_schedule_with_warmup; s = scheduler steps taken so far
+    if s < warmup:
+        return float(s) / float(max(1, warmup))
+    return max(0.0, float(total_steps - s) / float(max(1, total_steps - warmup)))
+
+
+scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+scaler = torch.amp.GradScaler(device.type, init_scale=cfg.fp16_init_scale, growth_factor=2.0, backoff_factor=0.5,
+                              growth_interval=cfg.fp16_growth_interval, enabled=precision == "fp16")
+
+# -------------------------------------------------------------------------------------- checkpoints and resuming
+state = {"step": 0, "loss_total": 0.0, "history": []}  # loss_total: sum of the logged interval sums (the trainer's)
+tr_loss = torch.zeros((), device=device)  # fp32 sum of the step losses since the last log, like the trainer's tr_loss
+interval = {"steps": 0, "tokens": 0, "padded": 0}  # the rest of what the next log line averages over
+run_info = {"train_size": N, "batch_size": cfg.batch_size, "total_steps": total_steps, "seed": cfg.seed, "world_size": world}
+
+
+def checkpoints(folder):
+    found = [p for p in Path(folder).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[1].isdigit()]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def interval_totals():
+    """(loss sum, real tokens) since the last log, summed over ranks; the loss sum is the trainer's fp32 sum."""
+    totals = torch.stack([tr_loss.double(), torch.tensor(interval["tokens"], dtype=torch.float64, device=device)])
+    if ddp:
+        dist.all_reduce(totals)
+    return totals.tolist()
+
+
+def save_checkpoint(step):
+    final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
+    loss_sum, tokens = interval_totals()  # a log interval may straddle the checkpoint
+    pending = {**interval, "loss": loss_sum, "tokens": int(tokens)}
+    if master:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    if ddp:
+        dist.barrier()
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    torch.save({"python": random.getstate(), "numpy": (name, torch.from_numpy(keys), pos, has_gauss, gauss),
+                "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+               tmp / f"rng_state_{rank}.pth")
+    if master:
+        ce.save_pretrained(tmp)
+        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+        torch.save(scaler.state_dict(), tmp / "scaler.pt")
+        write_json(tmp / "trainer_state.json", {**run_info, **state, "epoch": step // steps_per_epoch,
+                                                "batch_in_epoch": step % steps_per_epoch, "interval": pending})
+    if ddp:
+        dist.barrier()
+    if master:
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(tmp, final)
+        for old in checkpoints(out)[: -cfg.keep_checkpoints]:
+            shutil.rmtree(old)
+
+
+if cfg.resume:
+    ckpt = Path(cfg.resume)
+    if cfg.resume == "latest":
+        found = checkpoints(out)
+        ckpt = found[-1] if found else die(f"--resume latest: no checkpoint-STEP folder in {out}")
+    if not (ckpt / "trainer_state.json").exists() or not (ckpt / f"rng_state_{rank}.pth").exists():
+        die(f"--resume: {ckpt} is not a complete checkpoint of this script")
+    saved = json.loads((ckpt / "trainer_state.json").read_text())
+    changed = [f"{k} {saved[k]} -> {v}" for k, v in run_info.items() if saved[k] != v]
+    if changed:
+        die(f"--resume: the run differs from the checkpoint's ({', '.join(changed)}); exact resumption is impossible")
+    model.load_state_dict(load_file(ckpt / "model.safetensors", device=str(device)))
+    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
+    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+    scaler.load_state_dict(torch.load(ckpt / "scaler.pt", weights_only=True))
+    rng = torch.load(ckpt / f"rng_state_{rank}.pth", weights_only=True)
+    random.setstate(rng["python"])
+    name, keys, pos, has_gauss, gauss = rng["numpy"]
+    np.random.set_state((name, keys.numpy(), pos, has_gauss, gauss))
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    state = {k: saved[k] for k in state}
+    pending = saved["interval"]  # sums over all ranks: rank 0 carries them on
+    tr_loss.fill_(pending["loss"] if master else 0.0)
+    interval = {"steps": pending["steps"], "tokens": pending["tokens"] if master else 0, "padded": pending["padded"]}
+    log(f"resumed from {ckpt} at step {state['step']}")
+
+if master:
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write(out / "log.jsonl", lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in state["history"])))
+    log_file = open(out / "log.jsonl", "a", encoding="utf-8")
+
+
+def record(entry):
+    state["history"].append(entry)
+    if master:
+        log_file.write(json.dumps(entry) + "\n")
+        log_file.flush()
+
+
+def run_eval(step):
+    if not (eval_pairs and master):
+        return
+    with autocast:
+        metrics = evaluate(ce, eval_pairs)
+    record({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
+    log(f"eval step {step} | {format_metrics(metrics)}")
+
+
+# ------------------------------------------------------------------------------------------------------ the loop
+n_params = sum(p.numel() for p in model.parameters())
+log(f"{N} training pairs, {steps_per_epoch} steps/epoch, {total_steps} steps ({epochs} epochs), {n_params / 1e6:.1f}M "
+    f"parameters, {precision} on {device}{f', {world} processes' if ddp else ''}, max_length {ce.max_length}")
+step = first_step = state["step"]
+t_start = t_log = time.time()
+bar = tqdm(total=total_steps, initial=step, disable=not master or not sys.stderr.isatty(), unit="step", dynamic_ncols=True)
+start_epoch, start_batch = divmod(step, steps_per_epoch)
+for epoch in range(start_epoch, epochs):
+    if epoch > start_epoch or start_batch == 0:
+        torch.empty((), dtype=torch.int64).random_()  # the DataLoader's per-epoch _base_seed draw (see the docstring)
+    order = torch.randperm(N, generator=torch.Generator().manual_seed(cfg.seed + epoch)).tolist()
+    for b in range(start_batch if epoch == start_epoch else 0, steps_per_epoch):
+        if step == total_steps:
+            break
+        batch = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+        lo, hi = rank * len(batch) // world, (rank + 1) * len(batch) // world
+        rows = [train_pairs[i] for i in batch[lo:hi] or batch[:1]]  # a rank with no row computes one at weight 0
+        enc = ce.tokenizer([(p.query, p.passage) for p in rows])  # dynamic padding to this batch's longest pair
+        inputs = {k: torch.from_numpy(v).to(device) for k, v in enc.items()}
+        labels = torch.tensor([p.label for p in rows], dtype=torch.float32, device=device)
+
+        model.train()
+        with autocast:
+            logits = train_model(**inputs)
+        loss = F.binary_cross_entropy_with_logits(logits.float(), labels)  # mean over the rows, fp32, outside autocast
+        loss = loss * ((hi - lo) * world / len(batch))  # 1.0 on one process; DDP: this rank's share of the batch mean
+        scaler.scale(loss).backward()
+        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)  # norm before clipping
+        lr = scheduler.get_last_lr()[0]
+        scale = scaler.get_scale()
+        scaler.step(optimizer)  # skipped when fp16 gradients overflowed; the scale then halves
+        scaler.update()
+        if scaler.get_scale() >= scale:  # the step was not skipped: only then does the schedule advance
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+
+        step += 1
+        bar.update(1)
+        tr_loss += loss.detach() / world
+        interval["steps"] += 1
+        interval["tokens"] += int(enc["attention_mask"].sum())
+        interval["padded"] += enc["attention_mask"].size
+        if step % cfg.log_every == 0:
+            loss_sum, tokens = interval_totals()
+            tr_loss.zero_()
+            dt = time.time() - t_log
+            t_log = time.time()
+            entry = {"step": step, "epoch": epoch + (b + 1) / steps_per_epoch, "loss": loss_sum / interval["steps"],
+                     "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tokens / dt,
+                     "padding": 1 - interval["tokens"] / interval["padded"]}
+            if scaler.is_enabled():
+                entry["scale"] = scaler.get_scale()
+            state["loss_total"] += loss_sum
+            record(entry)
+            log(f"step {step} | epoch {entry['epoch']:.4f} | loss {entry['loss']:.4f} | lr {lr:.3e} | grad norm "
+                f"{entry['grad_norm']:.4f} | {entry['tokens_per_s']:,.0f} tok/s | pad {entry['padding']:.0%}")
+            interval = {"steps": 0, "tokens": 0, "padded": 0}
+        if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
+            run_eval(step)
+        if cfg.save_every and step % cfg.save_every == 0:
+            state["step"] = step
+            save_checkpoint(step)
+bar.close()
+
+# ------------------------------------------------------------------------------------------------ totals, saving
+elapsed = time.time() - t_start
+summary = {"step": step, "train_loss": (state["loss_total"] + interval_totals()[0]) / step, "train_runtime": elapsed,
+           "train_steps_per_second": (step - first_step) / elapsed}
+record(summary)
+log(f"done: train_loss {summary['train_loss']:.4f} | {elapsed:.1f} s | {summary['train_steps_per_second']:.2f} steps/s")
+run_eval(step)
+
+if master:
+    ce.save_pretrained(out)
+    losses = [r for r in state["history"] if "loss" in r]
+    if losses:
+        svg = line_chart_svg([r["step"] for r in losses], [r["loss"] for r in losses],
+                             f"training loss on {Path(cfg.train).name} (mean of every {cfg.log_every} steps)", "step", "BCE loss")
+        atomic_write(out / "loss.svg", lambda tmp: Path(tmp).write_text(svg, encoding="utf-8"))
+    evals = [r for r in state["history"] if "eval_mrr@10" in r]
+    card = "\n".join([
+        "---", "library_name: minilm", "pipeline_tag: text-ranking", f"base_model: {cfg.model}",
+        "tags: [cross-encoder, reranker, generated_from_trainer, loss:BinaryCrossEntropyLoss]", "---", "",
+        f"# Cross-encoder fine-tuned from `{cfg.model}`", "",
+        "Trained with minilm's `train.py` (the sentence-transformers CrossEncoderTrainer recipe, BCE on raw logits). "
+        "Scores are raw logits; apply a sigmoid for probabilities.", "",
+        "```python", "from minilm import CrossEncoder", f'model = CrossEncoder.from_pretrained("{out}")',
+        'scores = model.predict([("query", "passage")])', "```", "",
+        "## Training data", "",
+        f"`{cfg.train}`: {N:,} pairs, mean label {sum(p.label for p in train_pairs) / N:.3f}.", "",
+        "## Hyperparameters", "", "| setting | value |", "|:--|:--|",
+        *(f"| {k} | `{v}` |" for k, v in asdict(cfg).items() if k not in ("train", "output", "resume") and v != ""),
+        f"| precision used | `{precision}` |", f"| processes | {world} |", f"| total steps | {total_steps} |", "",
+        "## Training logs", "", "| Epoch | Step | Training Loss |", "|:-:|:-:|:-:|",
+        *(f"| {r['epoch']:.4f} | {r['step']} | {r['loss']:.4f} |" for r in losses), "",
+        f"train_loss (mean of all {step} steps) {summary['train_loss']:.4f}, {elapsed:.0f} s.", "",
+        *(["## Evaluation", "", f"`{cfg.eval}`: {len(eval_pairs):,} pairs.", "",
+           "| Step | MRR@10 | NDCG@10 | R@1 | queries |", "|:-:|:-:|:-:|:-:|:-:|",
+           *(f"| {r['step']} | {r['eval_mrr@10']:.4f} | {r['eval_ndcg@10']:.4f} | {r['eval_r@1']:.4f} | {r['eval_queries']} |" for r in evals), ""]
+          if evals else []),
+    ])
+    atomic_write(out / "README.md", lambda tmp: Path(tmp).write_text(card, encoding="utf-8"))
+    log_file.close()
+    log(f"saved the model to {out}")
+if ddp:
+    dist.barrier()
+    dist.destroy_process_group()
