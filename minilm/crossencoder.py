@@ -81,7 +81,7 @@ class CrossEncoder:
         self.hf_config = hf_config
         self.source_dir = source_dir  # tokenizer files are copied from here by save_pretrained
         self.activation = default_activation(hf_config)
-        self.max_batch_tokens = 4096  # padded tokens per forward; set by `to()` for the device
+        self.max_batch_tokens = 2048  # padded tokens per forward; set by `to()` for the device
 
     @classmethod
     def from_pretrained(cls, name_or_path, *, revision=None, device=None, dtype=None, max_length=None) -> "CrossEncoder":
@@ -109,7 +109,7 @@ class CrossEncoder:
             self.model.to(dtype)
         self.model.eval()
         # GPUs want big batches to fill the device; CPUs want batches whose activations stay in cache
-        self.max_batch_tokens = 4096 if device.type == "cpu" else 65536
+        self.max_batch_tokens = 2048 if device.type == "cpu" else 65536
         return self
 
     @property
