@@ -242,7 +242,6 @@ def score_file(args) -> int:
         target = Path(os.path.realpath(args.output))  # through a symlink: replace the file, keep the link
 
         def write_to(tmp_path) -> None:
-            copy_mode(target, tmp_path)
             with open(tmp_path, "w", encoding="utf-8", newline="") as out:
                 write(out)
 
@@ -336,16 +335,6 @@ def progress_bar(total, quiet: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, unit="pair", desc="Scoring", file=sys.stderr, dynamic_ncols=True)
-
-
-def copy_mode(output: str, tmp_path) -> None:
-    """Give the temporary file the permissions the output would have had (mkstemp makes it private, 0600)."""
-    if os.path.exists(output):
-        shutil.copymode(output, tmp_path)
-    else:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp_path, 0o666 & ~umask)
 
 
 # ------------------------------------------------------------------------------------------------------------ main

