@@ -223,9 +223,3 @@ class CrossEncoderModel(nn.Module):
         """Switch every layer between F.scaled_dot_product_attention (default) and the plain softmax path."""
         for layer in self.bert.encoder.layer:
             layer.attention.self.use_sdpa = enabled
-
-    @torch.no_grad()
-    def init_head(self, generator=None):
-        """Initialise the classifier as transformers' `_init_weights` does: weight ~ N(0, initializer_range), bias 0."""
-        self.classifier.weight.normal_(0.0, self.config.initializer_range, generator=generator)
-        self.classifier.bias.zero_()

@@ -216,3 +216,36 @@ def test_score_logits_outside_inference_mode(standin_model, golden, golden_pairs
     logits = standin_model.score_logits(pairs)
     assert not logits.requires_grad and logits.grad_fn is None
     assert max_diff(logits.numpy(), [golden["logits"]["512"]["32"][i] for i in short_indices]) <= TOL
+
+
+def test_full_last_layer_matches_cls_only_fast_path(standin_model, golden, golden_pairs):
+    """fast_inference=False computes every token in the last layer, as transformers does: same logits."""
+    standin_model.model.fast_inference = False
+    try:
+        ours = standin_model.predict(golden_pairs)
+    finally:
+        standin_model.model.fast_inference = True
+    assert max_diff(ours, golden["logits"]["512"]["32"]) <= TOL
+
+
+def test_reduced_precision_scores_stay_close(standin_dir, golden, golden_pairs):
+    """bf16 (where the CPU has native bf16) and int8 track fp32: small error, same order on the golden pairs."""
+    gold = np.asarray(golden["logits"]["512"]["32"])
+    bound = {"bf16": 2e-3, "int8": 5e-2}  # measured: bf16 ~3e-4, int8 ~2e-2 on these near-zero logits
+    for dtype, tol in bound.items():
+        if dtype == "bf16" and not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+            with pytest.raises(ValueError, match="AVX512-BF16"):
+                CrossEncoder.from_pretrained(standin_dir, device="cpu", dtype=dtype)
+            continue
+        scores = CrossEncoder.from_pretrained(standin_dir, device="cpu", dtype=dtype).predict(golden_pairs)
+        assert scores.dtype == np.float32
+        assert max_diff(scores, gold) <= tol, dtype
+        rho = np.corrcoef(np.argsort(np.argsort(scores)), np.argsort(np.argsort(gold)))[0, 1]
+        assert rho >= (0.99 if dtype == "bf16" else 0.8), (dtype, rho)  # int8 measured 0.86: its noise ~ the spread
+
+
+def test_fp16_and_int8_are_refused_where_they_would_be_slow(standin_dir):
+    with pytest.raises(ValueError, match="fp16 is for GPUs"):
+        CrossEncoder.from_pretrained(standin_dir, device="cpu", dtype="fp16")
+    with pytest.raises(ValueError, match="dtype must be"):
+        CrossEncoder.from_pretrained(standin_dir, device="cpu", dtype="fp8")
