@@ -1,5 +1,5 @@
 """The same 200-step fine-tune with the sentence-transformers 5.1.0 CrossEncoderTrainer (reference for train.py)."""
-import json, sys, time, torch, datasets
+import json, time, torch, datasets
 from sentence_transformers.cross_encoder import CrossEncoder, CrossEncoderTrainer, CrossEncoderTrainingArguments
 from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
 rows = [json.loads(l) for l in open("../shared/data/tydiqa_ru/train.jsonl", encoding="utf-8")]
