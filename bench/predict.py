@@ -2,18 +2,24 @@
 
     python bench/predict.py                    # the stand-in checkpoint, 256 pairs, batch 32, 3 interleaved rounds
     python bench/predict.py --model DIR --pairs 512 --rounds 5 --only minilm-fp32,minilm-bf16
+    python bench/predict.py --device cuda --pairs 4096 --batch-size 128    # GPU: fp16/bf16 vs sentence-transformers fp16
 
 Pairs follow the model card's length statistics (query ~41 chars; passage 88-1019 chars, mean ~369): TyDi-ru train
 queries with their candidate passages cut at a word boundary to lengths drawn from a fixed-seed distribution. Every
 system scores the same pairs in the same batches of 32 (each decides its own order inside: sentence-transformers keeps
 input order, the others sort by length); rounds are interleaved so machine noise hits all systems alike. The table gives
-pairs/s (best round), the ratio to sentence-transformers, max |score - minilm fp32| and peak RSS growth.
+pairs/s (best round), the ratio to sentence-transformers, max |score - minilm fp32| and peak memory (RSS on the CPU,
+allocated GPU memory on a GPU).
+
+On a GPU the systems are minilm fp32/fp16/bf16 and sentence-transformers in fp32 and in fp16 (its model loaded with
+`torch_dtype=float16`, the fair baseline for minilm's reduced-precision rows); ONNX Runtime and int8 are CPU-only.
 
 Needs the reference extra (`pip install -e ".[reference]"`); systems whose library is missing are skipped.
 """
 
 import argparse
 import json
+import os
 import resource
 import sys
 import tempfile
@@ -25,6 +31,7 @@ import torch
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # sentence-transformers would otherwise ask the Hub about a local folder
 DATA = REPO.parent / "shared" / "data" / "tydiqa_ru" / "train.jsonl"
 
 
@@ -55,7 +62,9 @@ def main():
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only", help="comma-separated subset of systems")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     args = ap.parse_args()
+    gpu = args.device.startswith("cuda")
 
     from minilm import CrossEncoder
 
@@ -65,36 +74,41 @@ def main():
 
         model_dir = str(build_standin(Path(tempfile.mkdtemp()) / "standin"))
     pairs = bench_pairs(args.pairs)
-    fp32 = CrossEncoder.from_pretrained(model_dir, device="cpu")
+    fp32 = CrossEncoder.from_pretrained(model_dir, device=args.device)
     lengths = [len(e.ids) for e in fp32.tokenizer.encode(pairs)]
     print(f"{len(pairs)} pairs: query {np.mean([len(q) for q, _ in pairs]):.0f} chars, passage "
           f"{np.mean([len(p) for _, p in pairs]):.0f} chars (min {min(len(p) for _, p in pairs)}, max "
           f"{max(len(p) for _, p in pairs)}), {np.mean(lengths):.0f} tokens per pair; batch {args.batch_size}; "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}")
+          f"torch {torch.__version__}, " + (torch.cuda.get_device_name(args.device) if gpu else
+          f"{torch.get_num_threads()} threads, {torch.backends.cpu.get_cpu_capability()}"))
 
     systems = {}  # name -> callable(pairs) -> np.ndarray of scores
     systems["minilm-fp32"] = lambda p: fp32.predict(p, batch_size=args.batch_size)
-    for dtype in ("bf16", "int8"):
+    for dtype in ("fp16", "bf16") if gpu else ("bf16", "int8"):
         try:
-            ce = CrossEncoder.from_pretrained(model_dir, device="cpu", dtype=dtype)
+            ce = CrossEncoder.from_pretrained(model_dir, device=args.device, dtype=dtype)
             systems[f"minilm-{dtype}"] = lambda p, ce=ce: ce.predict(p, batch_size=args.batch_size)
         except (ValueError, RuntimeError) as e:
             print(f"minilm-{dtype}: skipped ({e})")
     try:
         from sentence_transformers import CrossEncoder as STCrossEncoder
 
-        st = STCrossEncoder(model_dir, device="cpu")
+        st = STCrossEncoder(model_dir, device=args.device)
         systems["sentence-transformers"] = lambda p: st.predict(p, batch_size=args.batch_size)
+        if gpu:
+            st16 = STCrossEncoder(model_dir, device=args.device, model_kwargs={"torch_dtype": torch.float16})
+            systems["sentence-transformers-fp16"] = lambda p: st16.predict(p, batch_size=args.batch_size)
     except ImportError:
         print("sentence-transformers: not installed, skipped")
     try:
         systems["transformers-sorted"] = hf_sorted(model_dir, fp32, args.batch_size)
     except ImportError:
         print("transformers: not installed, skipped")
-    try:
-        systems["onnxruntime-sorted"] = onnx_sorted(fp32, args.batch_size)
-    except ImportError as e:
-        print(f"onnxruntime: not installed, skipped ({e})")
+    if not gpu:
+        try:
+            systems["onnxruntime-sorted"] = onnx_sorted(fp32, args.batch_size)
+        except ImportError as e:
+            print(f"onnxruntime: not installed, skipped ({e})")
     if args.only:
         systems = {k: v for k, v in systems.items() if k in args.only.split(",")}
 
@@ -110,22 +124,27 @@ def main():
             best[name] = min(best[name], time.perf_counter() - t)
             max_diff[name] = float(np.abs(np.asarray(scores, dtype=np.float64) - reference).max())
     base = best.get("sentence-transformers")
-    print("\n| system | pairs/s | vs sentence-transformers | max abs diff vs minilm fp32 |")
-    print("|---|---|---|---|")
+    base16 = best.get("sentence-transformers-fp16")
+    print("\n| system | pairs/s | vs sentence-transformers | " + ("vs sentence-transformers fp16 | " if base16 else "")
+          + "max abs diff vs minilm fp32 |")
+    print("|---|---|---|---|" + ("---|" if base16 else ""))
     for name, seconds in best.items():
-        ratio = f"{base / seconds:.2f}" if base else "-"
-        print(f"| {name} | {len(pairs) / seconds:.1f} | {ratio} | {max_diff[name]:.1e} |")
-    print(f"\npeak RSS of this process: {peak_rss_mib():.0f} MiB")
+        ratios = [f"{b / seconds:.2f}" if b else "-" for b in ([base, base16] if base16 else [base])]
+        print(f"| {name} | {len(pairs) / seconds:.1f} | {' | '.join(ratios)} | {max_diff[name]:.1e} |")
+    if gpu:
+        print(f"\npeak GPU memory allocated: {torch.cuda.max_memory_allocated(args.device) / 2**20:.0f} MiB")
+    print(f"peak RSS of this process: {peak_rss_mib():.0f} MiB")
 
 
 def hf_sorted(model_dir, ours, batch_size):
     """transformers' BertForSequenceClassification fed the same length-sorted batches as minilm."""
     from transformers import AutoModelForSequenceClassification
 
-    hf = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
+    hf = AutoModelForSequenceClassification.from_pretrained(model_dir).eval().to(ours.device)
 
     def run(pairs):
-        return sorted_batches(pairs, ours, batch_size, lambda b: hf(**{k: torch.from_numpy(v) for k, v in b.items()}).logits[:, 0])
+        return sorted_batches(pairs, ours, batch_size,
+                              lambda b: hf(**{k: torch.from_numpy(v).to(ours.device) for k, v in b.items()}).logits[:, 0])
 
     return run
 
@@ -163,7 +182,7 @@ def sorted_batches(pairs, ours, batch_size, forward):
     out = np.empty(len(pairs), dtype=np.float32)
     for start in range(0, len(pairs), batch_size):
         idx = order[start : start + batch_size]
-        out[idx] = forward(ours.tokenizer.pad([encodings[i] for i in idx])).float().numpy().reshape(-1)
+        out[idx] = forward(ours.tokenizer.pad([encodings[i] for i in idx])).float().cpu().numpy().reshape(-1)
     return out
 
 

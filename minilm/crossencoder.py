@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from . import packed as minilm_packed
 from .checkpoint import (TOKENIZER_FILES, atomic_write, load_weights, read_state_dict, resolve, save_weights, skip_init,
                          write_json)
 from .model import Config, CrossEncoderModel
@@ -85,6 +86,7 @@ class CrossEncoder:
         self.activation = default_activation(hf_config)
         self.max_batch_tokens = BATCH_TOKENS["cpu"]  # set for the device by `to()`
         self.autocast_dtype = None  # bf16 / fp16 scoring runs under torch.autocast; set by `to()`
+        self.dtype = torch.float32  # or bf16 / fp16 / "int8" once `to()` converted the model
 
     @classmethod
     def from_pretrained(cls, name_or_path, *, revision=None, device=None, dtype=None, max_length=None) -> "CrossEncoder":
@@ -102,22 +104,32 @@ class CrossEncoder:
         ce = cls(model, tokenizer, hf_config, folder)
         return ce.to(device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype)
 
-    def to(self, device, dtype=None) -> "CrossEncoder":
-        """Move to `device`. Reduced precision keeps the residual stream, LayerNorms, embeddings and the head in fp32 and
-        runs the encoder's Linears (their weights stored in `dtype`) and attention under autocast: fast where it matters,
-        without rounding every activation to 8 bits of mantissa."""
+    def to(self, device, dtype=None, packed: bool = True) -> "CrossEncoder":
+        """Move to `device`, and optionally convert to reduced precision (once: reload to go back to fp32).
+
+        bf16 / fp16 run every layer but the last under autocast, their Linears' weights stored in `dtype`; the residual
+        stream, LayerNorms and embeddings stay fp32, and the last layer, pooler and classifier run in fp32 (see
+        `CrossEncoderModel.fp32_tail`). On a CPU, bf16 Linears are also pre-packed for oneDNN with GELU fused
+        (`minilm.packed`; `packed=False` keeps plain nn.Linear under autocast). int8 is dynamic quantization of the
+        same Linears."""
         device = torch.device(device)
         dtype = check_dtype(parse_dtype(dtype), device)
+        if self.dtype != torch.float32 and (dtype != self.dtype or device != self.device):
+            raise ValueError(f"this model was converted to {self.dtype}; load it again to move it or change its dtype")
         self.model.to(device)
-        self.autocast_dtype = None
+        last = f"bert.encoder.layer.{len(self.model.bert.encoder.layer) - 1}."
+        reduced = {name: m for name, m in self.model.bert.encoder.named_modules(prefix="bert.encoder")
+                   if isinstance(m, torch.nn.Linear) and not name.startswith(last)}  # every layer's Linears but the last
         if dtype == "int8":
-            self.model = torch.ao.quantization.quantize_dynamic(self.model, {torch.nn.Linear}, dtype=torch.qint8)
+            self.model = torch.ao.quantization.quantize_dynamic(self.model, set(reduced), dtype=torch.qint8)
         elif dtype != torch.float32:
-            for module in self.model.bert.encoder.modules():
-                if isinstance(module, torch.nn.Linear):
-                    module.to(dtype)
+            for module in reduced.values():
+                module.to(dtype)
+            if packed and device.type == "cpu" and dtype == torch.bfloat16 and minilm_packed.available():
+                minilm_packed.pack_layers(self.model.bert.encoder.layer[:-1])
             self.autocast_dtype = dtype
-        self.model.fp32_head = self.autocast_dtype is not None
+        self.dtype = dtype
+        self.model.fp32_tail = self.autocast_dtype is not None
         self.model.eval()
         self.max_batch_tokens = BATCH_TOKENS.get(device.type, BATCH_TOKENS["cuda"])
         return self
@@ -196,8 +208,8 @@ class CrossEncoder:
     def save_pretrained(self, path) -> None:
         """Write a folder that minilm, sentence-transformers (5.1 and newer) and transformers all load, file by file
         atomically. The activation goes into config.json["sentence_transformers"], which every ST version reads."""
-        if any(m.__class__.__module__.startswith("torch.ao") for m in self.model.modules()):
-            raise ValueError("an int8-quantized model cannot be saved; save the fp32 model before quantizing")
+        if self.dtype != torch.float32:
+            raise ValueError(f"a model converted to {self.dtype} cannot be saved; save the fp32 model (load it without dtype)")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         for name in TOKENIZER_FILES:
