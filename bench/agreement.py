@@ -70,7 +70,7 @@ def main():
         try:
             scores, speed = score(dtype)
         except ValueError as e:
-            print(f"| {dtype} | refused: {e} | | | |")
+            print(f"| {dtype} | refused: {e} | | | | |")
             continue
         picked = {q: max(groups[q], key=lambda i: scores[position[i]]) for q in qids}
         same = np.mean([picked[q] == top1[q] for q in qids])

@@ -85,7 +85,6 @@ class CrossEncoder:
         self.source_dir = source_dir  # tokenizer files are copied from here by save_pretrained
         self.activation = default_activation(hf_config)
         self.max_batch_tokens = BATCH_TOKENS["cpu"]  # set for the device by `to()`
-        self.autocast_dtype = None  # bf16 / fp16 scoring runs under torch.autocast; set by `to()`
         self.dtype = torch.float32  # or bf16 / fp16 / "int8" once `to()` converted the model
 
     @classmethod
@@ -127,12 +126,16 @@ class CrossEncoder:
                 module.to(dtype)
             if packed and device.type == "cpu" and dtype == torch.bfloat16 and minilm_packed.available():
                 minilm_packed.pack_layers(self.model.bert.encoder.layer[:-1])
-            self.autocast_dtype = dtype
         self.dtype = dtype
         self.model.fp32_tail = self.autocast_dtype is not None
         self.model.eval()
         self.max_batch_tokens = BATCH_TOKENS.get(device.type, BATCH_TOKENS["cuda"])
         return self
+
+    @property
+    def autocast_dtype(self) -> torch.dtype | None:
+        """bf16 / fp16 scoring runs under torch.autocast in that dtype; fp32 and int8 do not."""
+        return self.dtype if self.dtype in (torch.bfloat16, torch.float16) else None
 
     @property
     def device(self) -> torch.device:
