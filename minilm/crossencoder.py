@@ -75,6 +75,24 @@ def check_dtype(dtype, device: torch.device):
     return dtype
 
 
+def quantize_int8(model: torch.nn.Module, names: set[str]) -> torch.nn.Module:
+    """Dynamic int8 quantization of the named Linears: int8 weights, activations quantized per batch at run time.
+
+    torch.ao.quantization is deprecated in favour of the separate torchao package, which we do not depend on. Its
+    fbgemm dynamic Linear rescales inside the GEMM; a Linear built on torch._int_mm must rescale its int32 output in
+    separate passes and measured 1.7-5x slower here. So it is used with its deprecation notices silenced, and refused
+    with a clear message once a torch release has removed it."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
+        warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel")
+        try:
+            from torch.ao.quantization import quantize_dynamic
+        except ImportError:
+            raise ValueError(f"dtype int8 needs torch.ao.quantization.quantize_dynamic, which torch {torch.__version__} "
+                             "no longer has; use fp32 or bf16") from None
+        return quantize_dynamic(model, names, dtype=torch.qint8)
+
+
 class CrossEncoder:
     """A MiniLM/BERT cross-encoder with its tokenizer: `predict` scores pairs, `rank` orders passages for a query."""
 
@@ -120,7 +138,7 @@ class CrossEncoder:
         reduced = {name: m for name, m in self.model.bert.encoder.named_modules(prefix="bert.encoder")
                    if isinstance(m, torch.nn.Linear) and not name.startswith(last)}  # every layer's Linears but the last
         if dtype == "int8":
-            self.model = torch.ao.quantization.quantize_dynamic(self.model, set(reduced), dtype=torch.qint8)
+            self.model = quantize_int8(self.model, set(reduced))
         elif dtype != torch.float32:
             for module in reduced.values():
                 module.to(dtype)

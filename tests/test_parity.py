@@ -5,6 +5,8 @@ rank orders must be identical. The stand-in's logits are small (|x| < 0.05) but 
 1e-5 tolerance still catches any real error in the tokenizer, the forward pass or the batching."""
 
 import math
+import sys
+import warnings
 
 import numpy as np
 import pytest
@@ -274,6 +276,15 @@ def test_reduced_precision_models_cannot_change_dtype_or_be_saved(standin_dir, t
     with pytest.raises(ValueError, match="cannot be saved"):
         int8.save_pretrained(tmp_path / "int8")
     assert not (tmp_path / "int8" / "model.safetensors").exists()
+
+
+def test_int8_converts_quietly_and_is_refused_once_torch_drops_it(standin_dir, monkeypatch):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch.ao's deprecation notices are ours to handle, not the user's to read
+        CrossEncoder.from_pretrained(standin_dir, device="cpu", dtype="int8")
+    monkeypatch.setitem(sys.modules, "torch.ao.quantization", None)  # as in a torch release that has removed it
+    with pytest.raises(ValueError, match="no longer has"):
+        CrossEncoder.from_pretrained(standin_dir, device="cpu", dtype="int8")
 
 
 def test_fp16_and_int8_are_refused_where_they_would_be_slow(standin_dir):
