@@ -76,7 +76,8 @@ def check_dtype(dtype, device: torch.device):
 
 
 def quantize_int8(model: torch.nn.Module, names: set[str]) -> torch.nn.Module:
-    """Dynamic int8 quantization of the named Linears: int8 weights, activations quantized per batch at run time.
+    """Dynamic int8 quantization of the named Linears: int8 weights with one scale per output row, activations
+    quantized at run time with one scale per call (fbgemm's dynamic Linear).
 
     torch.ao.quantization is deprecated in favour of the separate torchao package, which we do not depend on. Its
     fbgemm dynamic Linear rescales inside the GEMM; a Linear built on torch._int_mm must rescale its int32 output in
@@ -86,11 +87,13 @@ def quantize_int8(model: torch.nn.Module, names: set[str]) -> torch.nn.Module:
         warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
         warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel")
         try:
-            from torch.ao.quantization import quantize_dynamic
+            from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
         except ImportError:
             raise ValueError(f"dtype int8 needs torch.ao.quantization.quantize_dynamic, which torch {torch.__version__} "
                              "no longer has; use fp32 or bf16") from None
-        return quantize_dynamic(model, names, dtype=torch.qint8)
+        # one weight scale per output row: on TyDi-ru (bench/agreement.py, 50 queries) same top-1 62% instead of 50%
+        # with one scale per matrix, Spearman 0.89 instead of 0.74, same speed
+        return quantize_dynamic(model, {name: per_channel_dynamic_qconfig for name in names}, dtype=torch.qint8)
 
 
 class CrossEncoder:

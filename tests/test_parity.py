@@ -219,7 +219,7 @@ def test_full_last_layer_matches_cls_only_fast_path(standin_model, golden, golde
 def test_reduced_precision_scores_stay_close(standin_dir, golden, golden_pairs):
     """bf16 (where the CPU has native bf16) and int8 track fp32: small error, same order on the golden pairs."""
     gold = np.asarray(golden["logits"]["512"]["32"])
-    bound = {"bf16": 2e-3, "int8": 5e-2}  # measured: bf16 1.6e-4, int8 ~2e-2 on these near-zero logits
+    bound = {"bf16": 2e-3, "int8": 3e-2}  # measured: bf16 1.6e-4, int8 1.1e-2 on these near-zero logits
     for dtype, tol in bound.items():
         if dtype == "bf16" and not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
             with pytest.raises(ValueError, match="AVX512-BF16"):
@@ -229,7 +229,8 @@ def test_reduced_precision_scores_stay_close(standin_dir, golden, golden_pairs):
         assert scores.dtype == np.float32
         assert max_diff(scores, gold) <= tol, dtype
         rho = np.corrcoef(np.argsort(np.argsort(scores)), np.argsort(np.argsort(gold)))[0, 1]
-        assert rho >= (0.99 if dtype == "bf16" else 0.8), (dtype, rho)  # int8 measured 0.86: its noise ~ the spread
+        # int8 measured 0.97 (0.86 with one weight scale per matrix instead of per row): its noise ~ the spread
+        assert rho >= (0.99 if dtype == "bf16" else 0.92), (dtype, rho)
 
 
 needs_bf16 = pytest.mark.skipif(not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()),
