@@ -47,6 +47,8 @@ def main():
 
     rows = [json.loads(line) for line in TEST.read_text(encoding="utf-8").splitlines()][: args.queries * 20]
     pairs = [(r["query"], r["passage"]) for r in rows]
+    blocks = [{r["qid"] for r in rows[i : i + 20]} for i in range(0, len(rows), 20)]
+    assert all(len(b) == 1 for b in blocks), "top-1 below reads each query's 20 candidates as 20 consecutive rows"
     ce = CrossEncoder.from_pretrained(args.model, device="cpu")
     reference = ce.predict(pairs)
     layers = ce.model.bert.encoder.layer
