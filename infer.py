@@ -15,13 +15,14 @@ are instant and the time to the first score is the time to load the model.
 """
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import signal
 import stat
 import sys
 import tempfile
-import warnings
 from pathlib import Path
 
 DEFAULT_MODEL = "cross-encoder/ms-marco-MiniLM-L6-v2"
@@ -138,8 +139,6 @@ def load_model(args):
     from minilm.crossencoder import CrossEncoder
 
     device = args.device
-    if device is None and args.dtype == "int8":
-        device = "cpu"  # dynamic quantization runs on the CPU only
     if device is not None:
         try:
             kind = torch.device(device).type
@@ -148,10 +147,8 @@ def load_model(args):
         if kind == "cuda" and not torch.cuda.is_available():
             raise UsageError(f"--device {device}: no CUDA device is available")
     try:
-        with warnings.catch_warnings():  # torch deprecates the quantized tensor API that int8 relies on: not our user's concern
-            warnings.filterwarnings("ignore", message=".*quantize_per_tensor", category=UserWarning)
-            return CrossEncoder.from_pretrained(args.model, revision=args.revision, device=device, dtype=args.dtype,
-                                                max_length=args.max_length)
+        return CrossEncoder.from_pretrained(args.model, revision=args.revision, device=device, dtype=args.dtype,
+                                            max_length=args.max_length)
     except CheckpointError as e:
         raise UsageError(f"cannot load model: {e}") from None
     except (ValueError, OSError) as e:  # a config this model does not support, --max-length too long, unreadable file
@@ -187,65 +184,23 @@ def preview(text: str, width: int) -> str:
 # ------------------------------------------------------------------------------------------------------- file mode
 
 def score_file(args) -> int:
-    from minilm.data import DataError, detect_format
+    from minilm.data import DataError, detect_format, iter_pairs
 
     fmt = detect_format(args.input, args.format)
-    name = "<stdin>" if args.input == "-" else args.input
     check_output(args.output, fmt)
-    if args.input == "-":
-        total = None  # standard input can be read only once: every row is checked while it is scored
-        if hasattr(sys.stdin, "reconfigure"):
-            sys.stdin.reconfigure(encoding="utf-8", newline="")  # as files are read: UTF-8, "\r\n" kept inside CSV fields
-    elif is_pipe(args.input):
-        total = None  # nor can a pipe, e.g. --input <(zcat pairs.jsonl.gz)
-    else:
-        total = check_input(args.input, fmt, name)  # a bad row fails here, instantly, before the model loads
-
+    total = None  # stdin and pipes (--input <(zcat pairs.jsonl.gz)) can be read only once: rows are checked as scored
+    if args.input != "-" and not is_pipe(args.input):
+        total = sum(1 for _ in iter_pairs(args.input, fmt))  # a bad row fails here, instantly, before the model loads
     model = load_model(args)
     activation = "sigmoid" if args.sigmoid else None
 
-    def write(out) -> None:
-        bar = progress_bar(total, args.quiet)
-        try:
-            n = 0
-            writer = RowWriter(out, fmt)
-            for rows, pairs in read_chunks(args.input, fmt, name):
-                scores = model.predict(pairs, batch_size=args.batch_size, activation=activation)
-                for row, score in zip(rows, scores):
-                    writer.write(row, float(score))
-                n += len(rows)
-                if bar is not None:
-                    bar.update(len(rows))
-            if n == 0:
-                raise DataError(f"{name}: no rows to score")
-        finally:
-            if bar is not None:
-                bar.close()
-
-    if args.output == "-" or is_pipe(args.output):
-        # Standard output, /dev/null, a pipe: nothing to rename. The scored rows are spooled to a temporary file
-        # first, so that a bad row prints nothing rather than half a result.
-        with tempfile.TemporaryFile("w+", encoding="utf-8", newline="") as tmp:
-            write(tmp)
-            tmp.seek(0)
-            if args.output != "-":
-                with open(args.output, "w", encoding="utf-8", newline="") as out:
-                    shutil.copyfileobj(tmp, out)
-                return 0
-            if hasattr(sys.stdout, "reconfigure"):
-                sys.stdout.reconfigure(encoding="utf-8")
-            shutil.copyfileobj(tmp, sys.stdout)
-            sys.stdout.flush()
-    else:
-        from minilm.checkpoint import atomic_write
-
-        target = Path(os.path.realpath(args.output))  # through a symlink: replace the file, keep the link
-
-        def write_to(tmp_path) -> None:
-            with open(tmp_path, "w", encoding="utf-8", newline="") as out:
-                write(out)
-
-        atomic_write(target, write_to)
+    with output_file(args.output) as out, progress_bar(total, args.quiet) as bar:
+        writer = RowWriter(out, fmt)
+        for chunk in chunked(iter_pairs(args.input, fmt), CHUNK_ROWS):
+            scores = model.predict([(p.query, p.passage) for p in chunk], batch_size=args.batch_size, activation=activation)
+            for pair, score in zip(chunk, scores):
+                writer.write(pair.row, float(score))
+            bar.update(len(chunk))
     return 0
 
 
@@ -265,76 +220,92 @@ def check_output(output: str, fmt: str) -> None:
         raise UsageError(f"--output {output}: the output keeps the input's format ({fmt}); give it a .{fmt} name")
 
 
-def check_input(path: str, fmt: str, name: str) -> int:
-    """Read and check every row without scoring; the number of rows (for the progress bar)."""
-    from minilm.data import DataError, parse_pair, read_rows
-
-    n = 0
-    for line, row in read_rows(path, fmt):
-        parse_pair(row, name, line, require_label=False)
-        n += 1
-    if n == 0:
-        raise DataError(f"{name}: no rows to score")
-    return n
-
-
 def is_pipe(path: str) -> bool:
     """A FIFO, a character device (/dev/null, a terminal) or a socket: read once, written in place, never renamed."""
     try:
         mode = os.stat(path).st_mode
     except OSError:
-        return False  # check_input reports it
+        return False  # reading it reports the problem
     return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode) or stat.S_ISSOCK(mode)
 
 
-def read_chunks(path: str, fmt: str, name: str):
-    """Yield (rows, pairs) of at most CHUNK_ROWS rows: the untouched row dicts and their (query, passage) texts."""
-    from minilm.data import parse_pair, read_rows
+@contextlib.contextmanager
+def output_file(output: str):
+    """A text file for the scored rows, whose content reaches `output` only if the block completes.
 
-    rows, pairs = [], []
-    for line, row in read_rows(path, fmt):
-        pair = parse_pair(row, name, line, require_label=False)
-        rows.append(row)
-        pairs.append((pair.query, pair.passage))
-        if len(rows) == CHUNK_ROWS:
-            yield rows, pairs
-            rows, pairs = [], []
-    if rows:
-        yield rows, pairs
+    A regular file is written under a temporary name beside it and renamed (an existing file stays untouched until
+    then). Standard output, a pipe or /dev/null cannot be renamed onto: the rows are spooled to an anonymous temporary
+    file and copied there at the end, so that a bad row prints nothing rather than half a result."""
+    if output != "-" and not is_pipe(output):
+        from minilm.checkpoint import atomic_open
+
+        with atomic_open(Path(os.path.realpath(output))) as out:  # through a symlink: replace the file, keep the link
+            yield out
+        return
+    with tempfile.TemporaryFile("w+", encoding="utf-8", newline="") as spool:
+        yield spool
+        spool.seek(0)
+        if output == "-":
+            sys.stdout.reconfigure(encoding="utf-8")
+            shutil.copyfileobj(spool, sys.stdout)
+            sys.stdout.flush()
+        else:
+            with open(output, "w", encoding="utf-8", newline="") as out:
+                shutil.copyfileobj(spool, out)
+
+
+def chunked(items, size: int):
+    """Lists of `size` consecutive items (the last one shorter)."""
+    chunk = []
+    for item in items:
+        chunk.append(item)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
 
 
 class RowWriter:
-    """Writes rows in `fmt` with a `score` field added (or replaced): JSONL objects, or TSV/CSV with a header."""
+    """Writes rows in `fmt` with a `score` field added (or replaced): JSONL objects, TSV lines (fields joined by tabs,
+    no quoting: the text goes back byte for byte), or CSV records quoted by the csv module; TSV/CSV with a header.
+    The score is the float32 value's shortest repr: every digit needed to get the same float32 back."""
 
     def __init__(self, out, fmt: str):
         self.out = out
         self.fmt = fmt
-        self.csv = None
         self.header = None
+        if fmt == "csv":
+            import csv
+
+            self.csv = csv.writer(out, lineterminator="\n")
 
     def write(self, row: dict, score: float) -> None:
-        # repr of the float32 score as a Python float: every digit needed to get the same float32 back
         if self.fmt == "jsonl":
             row["score"] = score
             self.out.write(json.dumps(row, ensure_ascii=False) + "\n")
             return
-        if self.csv is None:
-            import csv
-
-            self.csv = csv.writer(self.out, delimiter="\t" if self.fmt == "tsv" else ",", lineterminator="\n")
+        if self.header is None:
             self.header = list(row) + ([] if "score" in row else ["score"])
-            self.csv.writerow(self.header)
+            self.write_record(self.header)
         row["score"] = repr(score)
-        self.csv.writerow([row[key] for key in self.header])
+        self.write_record([row[key] for key in self.header])
+
+    def write_record(self, values: list) -> None:
+        if self.fmt == "csv":
+            self.csv.writerow(values)
+        else:  # fields read from TSV lines hold no tab and no line break
+            self.out.write("\t".join(values) + "\n")
 
 
+@contextlib.contextmanager
 def progress_bar(total, quiet: bool):
-    """A tqdm bar counting pairs on stderr, or None with --quiet or when stderr is not a terminal."""
-    if quiet or not sys.stderr.isatty():
-        return None
+    """A tqdm bar counting pairs on stderr, silent with --quiet or when stderr is not a terminal."""
     from tqdm import tqdm
 
-    return tqdm(total=total, unit="pair", desc="Scoring", file=sys.stderr, dynamic_ncols=True)
+    with tqdm(total=total, unit="pair", desc="Scoring", file=sys.stderr, dynamic_ncols=True,
+              disable=quiet or not sys.stderr.isatty()) as bar:
+        yield bar
 
 
 # ------------------------------------------------------------------------------------------------------------ main
@@ -343,6 +314,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_intermixed_args(argv)
     check_args(parser, args)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # like Ctrl-C: unwind, so no temporary output is left
     from minilm.data import DataError  # plain Python; torch is imported later, by load_model
 
     try:

@@ -35,15 +35,17 @@ and the optimizer sees what a single process would see, up to float rounding and
 NCCL on GPUs, gloo on CPUs. Only rank 0 logs, evaluates and saves; each rank saves its own RNG state in checkpoints.
 """
 
+import argparse
 import json
 import math
 import os
 import random
 import shutil
+import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -54,37 +56,80 @@ from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from minilm.checkpoint import CheckpointError, atomic_write, write_json
+from minilm.checkpoint import CheckpointError, atomic_write, fsync, write_json
 from minilm.crossencoder import CrossEncoder
-from minilm.data import DataError, read_pairs
+from minilm.data import DataError, fingerprint, read_pairs
 from minilm.evaluate import evaluate, format_metrics
 from minilm.plot import line_chart_svg
 
 
+def option(default, help):
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
-    model: str = "cross-encoder/ms-marco-MiniLM-L6-v2"  # local dir, name under weights/, or Hugging Face Hub id
-    train: str = ""  # required: .jsonl/.tsv/.csv with query/passage (or sentence_0/sentence_1) and label in [0, 1]
-    output: str = ""  # required: folder for the model, logs and checkpoints
-    eval: str = ""  # labelled pairs (qid optional) for MRR@10, NDCG@10, R@1 at the end and every --eval-every steps
-    epochs: int = 30
-    batch_size: int = 16  # global batch; split over ranks under torchrun
-    lr: float = 5e-5
-    warmup_ratio: float = 0.0  # linear warmup over ceil(ratio * total steps), then linear decay to 0
-    weight_decay: float = 0.0  # decoupled (AdamW); never applied to biases and LayerNorm parameters
-    max_grad_norm: float = 1.0  # clip the global gradient 2-norm; inf disables clipping
-    seed: int = 42
-    precision: str = "auto"  # auto (fp16 on CUDA, fp32 otherwise), fp32, fp16 (autocast + GradScaler), bf16 (autocast)
-    max_length: int = 0  # tokens per pair including [CLS] and 2x[SEP]; 0 = the checkpoint's (512)
-    log_every: int = 500
-    eval_every: int = 0  # 0 = evaluate only at the end
-    save_every: int = 0  # 0 = no checkpoints during training
-    keep_checkpoints: int = 2  # the newest N checkpoint-STEP folders are kept
-    resume: str = ""  # a checkpoint folder, or "latest" for the newest in --output
-    max_steps: int = 0  # > 0: train exactly this many steps, the schedule decaying to 0 there (overrides --epochs)
-    device: str = "auto"  # auto = cuda when available, else cpu
-    fp16_init_scale: float = 65536.0  # GradScaler settings (torch's defaults, the card's run)
-    fp16_growth_interval: int = 2000
+    model: str = option("cross-encoder/ms-marco-MiniLM-L6-v2", "local dir, name under weights/, or Hugging Face Hub id")
+    train: str = option("", "required: .jsonl/.tsv/.csv with query/passage (or sentence_0/sentence_1) and label in [0, 1]")
+    output: str = option("", "required: folder for the model, logs and checkpoints")
+    eval: str = option("", "labelled pairs (qid optional) for MRR@10, NDCG@10, R@1 at the end and every --eval-every steps")
+    epochs: int = option(30, "passes over the training data")
+    batch_size: int = option(16, "global batch; split over ranks under torchrun")
+    lr: float = option(5e-5, "peak learning rate")
+    warmup_ratio: float = option(0.0, "linear warmup over ceil(ratio * total steps), then linear decay to 0")
+    weight_decay: float = option(0.0, "decoupled (AdamW); never applied to biases and LayerNorm parameters")
+    max_grad_norm: float = option(1.0, "clip the global gradient 2-norm; inf disables clipping")
+    seed: int = option(42, "seeds the epoch permutations (seed + epoch), dropout and the head's init")
+    precision: str = option("auto", "auto (fp16 on CUDA, fp32 otherwise), fp32, fp16 (autocast + GradScaler; CUDA only), "
+                                     "bf16 (autocast; CUDA, or CPUs with AVX512-BF16/AMX)")
+    max_length: int = option(0, "tokens per pair including [CLS] and 2x[SEP]; 0 = the checkpoint's (512)")
+    log_every: int = option(500, "log the mean loss every N steps (and the rest at the end)")
+    eval_every: int = option(0, "0 = evaluate only at the end")
+    save_every: int = option(0, "write a checkpoint every N steps; 0 = none")
+    keep_checkpoints: int = option(2, "keep the newest N checkpoint-STEP folders of this run")
+    resume: str = option("", "a checkpoint folder, or 'latest' for the newest in --output")
+    overwrite_output: bool = option(False, "start over in an --output that holds an earlier run (its checkpoints are deleted)")
+    max_steps: int = option(0, "> 0: train exactly this many steps, the schedule decaying to 0 there (overrides --epochs)")
+    device: str = option("auto", "auto = cuda when available, else cpu")
+    fp16_init_scale: float = option(65536.0, "GradScaler's initial scale (torch's default, the card's run)")
+    fp16_growth_interval: int = option(2000, "GradScaler: double the scale after N clean steps")
+
+
+def parse_bool(text: str) -> bool:
+    if text.lower() not in ("true", "false"):
+        raise ValueError(text)
+    return text.lower() == "true"
+
+
+parse_bool.__name__ = "true|false"  # argparse says "invalid true|false value: 'x'"
+METAVARS = {int: "N", float: "X", str: "TEXT", bool: "true|false"}
+
+
+def parse_config(argv) -> TrainConfig:
+    """argparse built from TrainConfig: `--key value` or `--key=value` (dashes or underscores), typed, unknown keys
+    refused, exit status 2 for any mistake (as for bad data)."""
+    parser = argparse.ArgumentParser(prog="train.py", usage="%(prog)s --train FILE --output DIR [--option VALUE ...]", description=__doc__.split("\n\n")[0],
+                                     epilog=__doc__.split("\n\n")[1], allow_abbrev=False,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    for f in fields(TrainConfig):
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=parse_bool if f.type is bool else f.type,
+                            default=f.default, metavar=METAVARS[f.type], help=f"{f.metadata['help']} (default: {f.default!r})")
+    # --batch_size as well as --batch-size, as Hugging Face's argument parser accepts
+    argv = [a.split("=", 1)[0].replace("_", "-") + a[len(a.split("=", 1)[0]):] if a.startswith("--") else a for a in argv]
+    cfg = TrainConfig(**vars(parser.parse_args(argv)))
+    for bad, message in [
+        (not cfg.train, "--train FILE is required"),
+        (not cfg.output, "--output DIR is required"),
+        (cfg.epochs < 1 or cfg.batch_size < 1 or cfg.log_every < 1 or cfg.keep_checkpoints < 1, "--epochs, --batch-size, --log-every and --keep-checkpoints must be at least 1"),
+        (min(cfg.max_length, cfg.eval_every, cfg.save_every, cfg.max_steps, cfg.seed) < 0, "--max-length, --eval-every, --save-every, --max-steps and --seed cannot be negative"),
+        (not cfg.lr > 0 or not math.isfinite(cfg.lr) or not 0 <= cfg.warmup_ratio <= 1 or not cfg.weight_decay >= 0 or not cfg.max_grad_norm > 0, "need a finite --lr > 0, 0 <= --warmup-ratio <= 1, --weight-decay >= 0, --max-grad-norm > 0"),
+        (cfg.precision not in ("auto", "fp32", "fp16", "bf16"), f"--precision must be auto, fp32, fp16 or bf16, got {cfg.precision!r}"),
+        (not cfg.fp16_init_scale > 0 or cfg.fp16_growth_interval < 1, "--fp16-init-scale must be > 0 and --fp16-growth-interval >= 1"),
+        (cfg.resume and cfg.overwrite_output, "--resume continues the run in --output; --overwrite-output starts over: not both"),
+    ]:
+        if bad:
+            parser.error(message)
+    return cfg
 
 
 def die(message):
@@ -92,47 +137,33 @@ def die(message):
     sys.exit(2)
 
 
-def parse_config(argv) -> TrainConfig:
-    types = {f.name: f.type for f in fields(TrainConfig)}
-    if {"-h", "--help"} & set(argv):
-        defaults = asdict(TrainConfig())
-        print(__doc__.split("\n\n")[1] + "\n\noptions (default; the comments in TrainConfig say what each does):\n" + "\n".join(
-            f"  --{k.replace('_', '-'):<22} {types[k].__name__:<6} {defaults[k]!r}" for k in types))
-        sys.exit(0)
-    values, args = {}, list(argv)
-    while args:
-        arg = args.pop(0)
-        if not arg.startswith("--"):
-            die(f"unexpected argument {arg!r}; options look like --key value or --key=value")
-        key, has_value, value = arg[2:].partition("=")
-        name = key.replace("-", "_")
-        if name not in types:
-            die(f"unknown option --{key} (see --help)")
-        if not has_value:
-            if not args:
-                die(f"--{key} needs a value")
-            value = args.pop(0)
-        try:
-            values[name] = types[name](value)  # int("2.5") and float("x") raise: no silent coercion
-        except ValueError:
-            die(f"--{key} expects {types[name].__name__}, got {value!r}")
-    cfg = TrainConfig(**values)
-    for bad, message in [
-        (not cfg.train, "--train FILE is required"),
-        (not cfg.output, "--output DIR is required"),
-        (cfg.epochs < 1 or cfg.batch_size < 1 or cfg.log_every < 1 or cfg.keep_checkpoints < 1, "--epochs, --batch-size, --log-every and --keep-checkpoints must be at least 1"),
-        (min(cfg.max_length, cfg.eval_every, cfg.save_every, cfg.max_steps) < 0, "--max-length, --eval-every, --save-every and --max-steps cannot be negative"),
-        (not cfg.lr > 0 or not 0 <= cfg.warmup_ratio <= 1 or not cfg.weight_decay >= 0 or not cfg.max_grad_norm > 0, "need --lr > 0, 0 <= --warmup-ratio <= 1, --weight-decay >= 0, --max-grad-norm > 0"),
-        (cfg.precision not in ("auto", "fp32", "fp16", "bf16"), f"--precision must be auto, fp32, fp16 or bf16, got {cfg.precision!r}"),
-        (not cfg.fp16_init_scale > 0 or cfg.fp16_growth_interval < 1, "--fp16-init-scale must be > 0 and --fp16-growth-interval >= 1"),
-    ]:
-        if bad:
-            die(message)
-    return cfg
+def checkpoints(folder, run=None):
+    """checkpoint-STEP folders in `folder`, oldest first; with `run`, only those of that run (same run_info)."""
+    found = [p for p in Path(folder).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[1].isdigit()]
+    if run is not None:
+        found = [p for p in found if {k: read_state(p).get(k) for k in run} == run]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def read_state(ckpt) -> dict:
+    try:
+        state = json.loads((Path(ckpt) / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return state if isinstance(state, dict) else {}
 
 
 cfg = parse_config(sys.argv[1:])
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # like Ctrl-C: unwind, so no temporary file is left behind
 out = Path(cfg.output)
+if out.exists() and not out.is_dir():
+    die(f"--output {out}: exists and is not a folder")
+if not os.access(out if out.is_dir() else next(p for p in out.absolute().parents if p.exists()), os.W_OK):
+    die(f"--output {out}: not writable")
+earlier = [p.name for p in checkpoints(out)] + (["log.jsonl"] if (out / "log.jsonl").exists() else [])
+if earlier and not (cfg.resume or cfg.overwrite_output):  # the Hugging Face Trainer's rule: never mix two runs
+    die(f"--output {out} holds an earlier run ({', '.join(earlier)}); pass --resume latest to continue it, "
+        "--overwrite-output true to start over (deletes its checkpoints), or choose another folder")
 
 # -------------------------------------------------------------------------------------------- processes and device
 ddp = "RANK" in os.environ  # set by torchrun
@@ -205,12 +236,26 @@ scaler = torch.amp.GradScaler(device.type, init_scale=cfg.fp16_init_scale, growt
 state = {"step": 0, "loss_total": 0.0, "history": []}  # loss_total: sum of the logged interval sums (the trainer's)
 tr_loss = torch.zeros((), device=device)  # fp32 sum of the step losses since the last log, like the trainer's tr_loss
 interval = {"steps": 0, "tokens": 0, "padded": 0}  # the rest of what the next log line averages over
-run_info = {"train_size": N, "batch_size": cfg.batch_size, "total_steps": total_steps, "seed": cfg.seed, "world_size": world}
+# What must be the same for --resume to continue a run exactly (the data by content, the recipe, the processes)
+run_info = {"train_sha256": fingerprint(train_pairs), "train_size": N, "model": cfg.model, "batch_size": cfg.batch_size,
+            "total_steps": total_steps, "lr": cfg.lr, "warmup_ratio": cfg.warmup_ratio, "weight_decay": cfg.weight_decay,
+            "max_grad_norm": cfg.max_grad_norm, "seed": cfg.seed, "precision": precision, "max_length": ce.max_length,
+            "fp16_init_scale": cfg.fp16_init_scale, "fp16_growth_interval": cfg.fp16_growth_interval, "world_size": world}
 
 
-def checkpoints(folder):
-    found = [p for p in Path(folder).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+def rng_state() -> dict:
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (name, torch.from_numpy(keys), pos, has_gauss, gauss),
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(rng: dict) -> None:
+    random.setstate(rng["python"])
+    name, keys, pos, has_gauss, gauss = rng["numpy"]
+    np.random.set_state((name, keys.numpy(), pos, has_gauss, gauss))
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
 
 
 def interval_totals():
@@ -230,23 +275,26 @@ def save_checkpoint(step):
         tmp.mkdir(parents=True)
     if ddp:
         dist.barrier()
-    name, keys, pos, has_gauss, gauss = np.random.get_state()
-    torch.save({"python": random.getstate(), "numpy": (name, torch.from_numpy(keys), pos, has_gauss, gauss),
-                "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
-               tmp / f"rng_state_{rank}.pth")
-    if master:
-        ce.save_pretrained(tmp)
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-        torch.save(scaler.state_dict(), tmp / "scaler.pt")
-        write_json(tmp / "trainer_state.json", {**run_info, **state, "epoch": step // steps_per_epoch,
-                                                "batch_in_epoch": step % steps_per_epoch, "interval": pending})
+    try:
+        atomic_write(tmp / f"rng_state_{rank}.pth", lambda f: torch.save(rng_state(), f))
+        if master:
+            ce.save_pretrained(tmp)
+            for name, obj in (("optimizer.pt", optimizer), ("scheduler.pt", scheduler), ("scaler.pt", scaler)):
+                atomic_write(tmp / name, lambda f, obj=obj: torch.save(obj.state_dict(), f))
+            write_json(tmp / "trainer_state.json", {**run_info, **state, "epoch": step // steps_per_epoch,
+                                                    "batch_in_epoch": step % steps_per_epoch, "interval": pending})
+    except (OSError, RuntimeError) as e:  # disk full: torch.save says so as a RuntimeError from its zip writer
+        shutil.rmtree(tmp, ignore_errors=True)
+        print(f"train.py: error: writing checkpoint {final} failed ({str(e).splitlines()[0]}); the last complete "
+              "checkpoint is kept", file=sys.stderr)
+        sys.exit(1)
     if ddp:
         dist.barrier()
     if master:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(tmp, final)
-        for old in checkpoints(out)[: -cfg.keep_checkpoints]:
+        fsync(out)
+        for old in checkpoints(out, run_info)[: -cfg.keep_checkpoints]:  # never another run's
             shutil.rmtree(old)
 
 
@@ -255,31 +303,37 @@ if cfg.resume:
     if cfg.resume == "latest":
         found = checkpoints(out)
         ckpt = found[-1] if found else die(f"--resume latest: no checkpoint-STEP folder in {out}")
-    if not (ckpt / "trainer_state.json").exists() or not (ckpt / f"rng_state_{rank}.pth").exists():
-        die(f"--resume: {ckpt} is not a complete checkpoint of this script")
-    saved = json.loads((ckpt / "trainer_state.json").read_text())
-    changed = [f"{k} {saved[k]} -> {v}" for k, v in run_info.items() if saved[k] != v]
+    saved = read_state(ckpt)
+    missing = [f.name for f in (ckpt / "trainer_state.json", ckpt / "model.safetensors", ckpt / "optimizer.pt",
+                                ckpt / "scheduler.pt", ckpt / "scaler.pt", ckpt / f"rng_state_{rank}.pth") if not f.is_file()]
+    if missing or "step" not in saved:
+        die(f"--resume: {ckpt} is not a complete checkpoint of train.py ({', '.join(missing) or 'trainer_state.json'} "
+            "missing or unreadable)")
+    changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in run_info.items() if saved.get(k) != v]
     if changed:
-        die(f"--resume: the run differs from the checkpoint's ({', '.join(changed)}); exact resumption is impossible")
-    model.load_state_dict(load_file(ckpt / "model.safetensors", device=str(device)))
-    optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
-    scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
-    scaler.load_state_dict(torch.load(ckpt / "scaler.pt", weights_only=True))
-    rng = torch.load(ckpt / f"rng_state_{rank}.pth", weights_only=True)
-    random.setstate(rng["python"])
-    name, keys, pos, has_gauss, gauss = rng["numpy"]
-    np.random.set_state((name, keys.numpy(), pos, has_gauss, gauss))
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    state = {k: saved[k] for k in state}
-    pending = saved["interval"]  # sums over all ranks: rank 0 carries them on
+        die(f"--resume: this run differs from the checkpoint's ({'; '.join(changed)}); exact resumption needs the same "
+            "data and settings")
+    try:
+        model.load_state_dict(load_file(ckpt / "model.safetensors", device=str(device)))
+        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
+        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
+        scaler.load_state_dict(torch.load(ckpt / "scaler.pt", weights_only=True))
+        set_rng_state(torch.load(ckpt / f"rng_state_{rank}.pth", weights_only=True))
+        state = {k: saved[k] for k in state}
+        pending = saved["interval"]  # sums over all ranks: rank 0 carries them on
+    except Exception as e:  # a truncated or foreign file: name it, do not train from a half-restored state
+        die(f"--resume: {ckpt} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
     tr_loss.fill_(pending["loss"] if master else 0.0)
     interval = {"steps": pending["steps"], "tokens": pending["tokens"] if master else 0, "padded": pending["padded"]}
     log(f"resumed from {ckpt} at step {state['step']}")
 
 if master:
     out.mkdir(parents=True, exist_ok=True)
+    if cfg.overwrite_output:
+        for old in checkpoints(out):
+            shutil.rmtree(old)
+    for tmp in out.glob(".checkpoint-*.tmp"):  # left by a run killed while saving
+        shutil.rmtree(tmp, ignore_errors=True)
     atomic_write(out / "log.jsonl", lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in state["history"])))
     log_file = open(out / "log.jsonl", "a", encoding="utf-8")
 

@@ -3,7 +3,7 @@
 A checkpoint is a folder with `config.json`, `model.safetensors` (or a legacy `pytorch_model.bin`) and the tokenizer
 files. It can be named three ways:
   * a local directory;
-  * a name under the repository's `weights/` folder (`weights/ms-marco-MiniLM-L6-v2`);
+  * a name under the repository's `weights/` folder: `NAME` in weights/NAME, a Hub id in weights/ORG/NAME;
   * a Hugging Face Hub id (`cross-encoder/ms-marco-MiniLM-L6-v2`), fetched with huggingface_hub into its cache, so
     HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE and revisions behave as users know them.
 """
@@ -28,16 +28,21 @@ class CheckpointError(Exception):
 
 
 def resolve(name_or_path: str, revision: str | None = None) -> Path:
-    """The local folder holding checkpoint `name_or_path`, downloading it from the Hub when needed."""
+    """The local folder holding checkpoint `name_or_path`, downloading it from the Hub when needed.
+
+    An existing directory is used as it is. A name is looked for under weights/ exactly as written (`NAME` in
+    weights/NAME, a Hub id `org/NAME` in weights/org/NAME) unless a revision is asked for, then on the Hub. A path
+    that does not exist (`./x`, `/a/b`, `a/b/c`) is an error, never a fallback to something else."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         return _check_dir(path)
-    for weights in WEIGHTS_DIRS:
-        for candidate in (weights / name_or_path, weights / path.name):
-            if candidate.is_dir():
-                return _check_dir(candidate)
-    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or os.sep != "/" and os.sep in name_or_path:
+    looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or (os.sep != "/" and os.sep in name_or_path)
+    if looks_like_path or path.exists():
         raise CheckpointError(f"{name_or_path}: no such directory")
+    if revision is None:
+        for weights in WEIGHTS_DIRS:
+            if (weights / name_or_path).is_dir():
+                return _check_dir(weights / name_or_path)
     return _from_hub(name_or_path, revision)
 
 
@@ -143,30 +148,62 @@ def load_weights(model: torch.nn.Module, state: dict, source) -> None:
                 param.normal_(0.0, std) if key.endswith("weight") else param.zero_()
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call `write(tmp_path)`, then rename onto `path`: readers see the old file or the whole new one, never half.
+@contextmanager
+def atomic_path(path):
+    """Yield a temporary file name beside `path`; when the block completes, the file is flushed to disk and renamed
+    onto `path` (readers see the old file or the whole new one, also after a power cut); otherwise it is deleted.
 
-    The new file gets the old one's permissions, or the usual ones for a new file (mkstemp's are owner-only)."""
+    The new file gets the old one's permissions, or those of any new file (mkstemp's are owner-only); they are set
+    after writing, because some writers (safetensors) replace the file they are given."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
+        yield tmp
         if path.exists():
             shutil.copymode(path, tmp)
         else:
             umask = os.umask(0)
             os.umask(umask)
             os.chmod(tmp, 0o666 & ~umask)
-        write(tmp)
+        fsync(tmp)
         os.replace(tmp, path)
+        fsync(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
 
 
+def fsync(path) -> None:
+    """Flush a file's or a folder's data to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path, write) -> None:
+    """`write(tmp_path)`, then an atomic rename onto `path` (see atomic_path)."""
+    with atomic_path(path) as tmp:
+        write(tmp)
+
+
+@contextmanager
+def atomic_open(path: Path):
+    """A UTF-8 text file whose content replaces `path` atomically when the block completes (see atomic_path)."""
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="") as f:
+        yield f
+
+
+def write_text(path: Path, text: str) -> None:
+    with atomic_open(path) as f:
+        f.write(text)
+
+
 def write_json(path: Path, obj) -> None:
-    atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"))
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
 def save_weights(path: Path, model: torch.nn.Module) -> None:

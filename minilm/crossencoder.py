@@ -112,7 +112,7 @@ class CrossEncoder:
     def from_pretrained(cls, name_or_path, *, revision=None, device=None, dtype=None, max_length=None) -> "CrossEncoder":
         """Load a local directory, a name under weights/, or a Hugging Face Hub id (see `minilm.checkpoint`).
 
-        device: "cpu", "cuda", ... (default: cuda when available). dtype: torch.float32 (default, exact), or
+        device: "cpu", "cuda", ... (default: cuda when available, cpu for int8). dtype: torch.float32 (default, exact), or
         "bf16" / "fp16" / "int8" for speed. max_length: tokens per pair including specials (default 512)."""
         folder = resolve(str(name_or_path), revision)
         hf_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
@@ -122,7 +122,9 @@ class CrossEncoder:
         load_weights(model, read_state_dict(folder), folder)
         tokenizer = PairTokenizer.from_dir(folder, max_length, config.max_position_embeddings)
         ce = cls(model, tokenizer, hf_config, folder)
-        return ce.to(device or ("cuda" if torch.cuda.is_available() else "cpu"), dtype)
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() and dtype != "int8" else "cpu"  # int8 runs on CPUs only
+        return ce.to(device, dtype)
 
     def to(self, device, dtype=None, packed: bool = True) -> "CrossEncoder":
         """Move to `device`, and optionally convert to reduced precision (once: reload to go back to fp32).
@@ -236,14 +238,21 @@ class CrossEncoder:
             raise ValueError(f"a model converted to {self.dtype} cannot be saved; save the fp32 model (load it without dtype)")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
+        source = self.source_dir
+        # The tokenizer files written are the ones this model uses: the source's own, or made from the loaded
+        # tokenizer; a tokenizer file already in `path` that the source does not have would be read back instead
+        # (tokenizer.json before vocab.txt, tokenizer_config.json's model_max_length), so it is removed.
         for name in TOKENIZER_FILES:
-            if self.source_dir is not None and (self.source_dir / name).exists() and self.source_dir.resolve() != path.resolve():
-                atomic_write(path / name, lambda tmp, name=name: shutil.copyfile(self.source_dir / name, tmp))
-        if not (path / "tokenizer.json").exists():
-            atomic_write(path / "tokenizer.json", lambda tmp: self.tokenizer.tokenizer.save(tmp))
-        if not (path / "tokenizer_config.json").exists():
-            write_json(path / "tokenizer_config.json", {"tokenizer_class": "BertTokenizer", "do_lower_case": True,
-                                                        "model_max_length": self.max_length})
+            if source is not None and (source / name).exists():
+                if (source / name).resolve() != (path / name).resolve():
+                    atomic_write(path / name, lambda tmp, name=name: shutil.copyfile(source / name, tmp))
+            elif name == "tokenizer.json":
+                atomic_write(path / name, lambda tmp: self.tokenizer.tokenizer.save(tmp))
+            elif name == "tokenizer_config.json":
+                write_json(path / name, {"tokenizer_class": "BertTokenizer", "do_lower_case": True,
+                                         "model_max_length": self.max_length})
+            else:
+                (path / name).unlink(missing_ok=True)
         save_weights(path / "model.safetensors", self.model)
         write_json(path / "config.json", self.export_config())
 

@@ -1,19 +1,29 @@
 """Reading (query, passage[, label]) files: JSONL, TSV or CSV with a header, streamed row by row.
 
 Text columns are `query`/`passage`, or `sentence_0`/`sentence_1` as in sentence-transformers datasets; `label` is a
-float in [0, 1]; an optional `qid` groups the candidates of one query. Every problem is a `DataError` whose message
+number in [0, 1]; an optional `qid` groups the candidates of one query. Every problem is a `DataError` whose message
 names the file, the line and the field ("train.jsonl:17: field 'label': expected a number in [0, 1], got 'yes'").
+
+The formats, as the tools that write them mean them:
+  * JSONL: one JSON object per line.
+  * TSV: one row per line, fields split on tabs, no quoting (a `"` is just a character, as in `cut -f` and pandas'
+    `quoting=csv.QUOTE_NONE`). A tab or a line break inside a field cannot be written in TSV: use JSONL or CSV.
+  * CSV: Python's csv module (RFC 4180 quoting, so fields may hold commas, quotes and line breaks).
+A UTF-8 byte-order mark at the start of a file (Excel's "CSV UTF-8" writes one) is skipped.
 """
 
 import csv
+import hashlib
 import json
 import math
+import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 FORMATS = ("jsonl", "tsv", "csv")
 TEXT_FIELDS = (("query", "passage"), ("sentence_0", "sentence_1"))
+NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")  # what a data file means by a number: no "0_1", no "inf"
 
 
 class DataError(ValueError):
@@ -27,6 +37,7 @@ class Pair:
     label: float | None
     qid: str | None
     line: int
+    row: dict = field(repr=False)  # every field of the input row, untouched (infer.py writes them back)
 
 
 def detect_format(path: str, fmt: str | None = None) -> str:
@@ -45,58 +56,73 @@ def detect_format(path: str, fmt: str | None = None) -> str:
     raise DataError(f"{path}: cannot tell the format from the extension {suffix or '(none)'!r}; use .jsonl, .tsv or .csv (or --format)")
 
 
-def open_text(path: str):
-    if path == "-":
-        return sys.stdin
+def text_lines(path: str):
+    """Yield (line number, decoded line with its line break) of a file or stdin ('-'); bytes are decoded line by line
+    so that invalid UTF-8 is reported on its real line."""
+    name = "<stdin>" if path == "-" else path
     try:
-        return open(path, encoding="utf-8", newline="")
+        f = sys.stdin.buffer if path == "-" else open(path, "rb")
     except OSError as e:
         raise DataError(f"{path}: cannot open: {e.strerror}") from None
+    try:
+        for n, raw in enumerate(f, start=1):
+            if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]
+            try:
+                yield n, raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise DataError(f"{name}:{n}: not UTF-8 text ({e.reason} at byte {e.start} of the line)") from None
+    finally:
+        if f is not sys.stdin.buffer:
+            f.close()
 
 
 def read_rows(path: str, fmt: str):
     """Yield (line number, row dict) in file order. Rows keep every field of the input, untouched."""
     name = "<stdin>" if path == "-" else path
-    f = open_text(path)
-    try:
-        if fmt == "jsonl":
-            for n, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{name}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
-                if not isinstance(row, dict):
-                    raise DataError(f"{name}:{n}: expected a JSON object, got {type(row).__name__}")
-                yield n, row
-        else:
-            reader = csv.reader(f, delimiter="\t" if fmt == "tsv" else ",")
+    lines = text_lines(path)
+    if fmt == "jsonl":
+        for n, line in lines:
+            if not line.strip():
+                continue
             try:
-                header = next(reader)
-            except StopIteration:
-                return
-            except (csv.Error, UnicodeDecodeError) as e:
-                raise DataError(f"{name}:1: malformed header ({e})") from None
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{name}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
+            if not isinstance(row, dict):
+                raise DataError(f"{name}:{n}: expected a JSON object, got {type(row).__name__}")
+            yield n, row
+        return
+    if fmt == "tsv":
+        records = ((n, line.rstrip("\n").removesuffix("\r").split("\t")) for n, line in lines if line.strip("\r\n"))
+    else:
+        numbers = []  # csv.reader pulls lines one at a time: the last one pulled ends the current record
+        reader = csv.reader(((numbers.append(n), line)[1] for n, line in lines), strict=True)  # a stray quote is an error
+        records = csv_records(reader, numbers, name)
+    header = None
+    for n, values in records:
+        if header is None:
+            header = values
             if len(set(header)) != len(header):
-                raise DataError(f"{name}:1: duplicate column names in header {header}")
-            while True:
-                try:
-                    values = next(reader)
-                except StopIteration:
-                    return
-                except (csv.Error, UnicodeDecodeError) as e:
-                    raise DataError(f"{name}:{reader.line_num}: malformed {fmt.upper()} ({e})") from None
-                if not values:
-                    continue
-                if len(values) != len(header):
-                    raise DataError(f"{name}:{reader.line_num}: expected {len(header)} fields ({', '.join(header)}), got {len(values)}")
-                yield reader.line_num, dict(zip(header, values))
-    except UnicodeDecodeError as e:
-        raise DataError(f"{name}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    finally:
-        if f is not sys.stdin:
-            f.close()
+                raise DataError(f"{name}:{n}: duplicate column names in header {header}")
+            continue
+        if len(values) != len(header):
+            raise DataError(f"{name}:{n}: expected {len(header)} fields ({', '.join(header)}), got {len(values)}")
+        yield n, dict(zip(header, values))
+
+
+def csv_records(reader, numbers, name):
+    """(first line number, fields) of each CSV record; a quoted field may span lines."""
+    while True:
+        start = len(numbers)
+        try:
+            values = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            raise DataError(f"{name}:{numbers[start] if len(numbers) > start else start + 1}: malformed CSV ({e})") from None
+        if values:
+            yield numbers[start], values
 
 
 def parse_pair(row: dict, name: str, n: int, require_label: bool) -> Pair:
@@ -105,32 +131,54 @@ def parse_pair(row: dict, name: str, n: int, require_label: bool) -> Pair:
     texts = []
     for key in keys:
         if key not in row:
-            raise DataError(f"{name}:{n}: missing field {key!r} (expected fields {keys[0]!r} and {keys[1]!r})")
+            raise DataError(f"{name}:{n}: missing field {key!r} (expected fields {keys[0]!r} and {keys[1]!r}; the row "
+                            f"has {', '.join(map(repr, row)) or 'none'})")
         value = row[key]
         if not isinstance(value, str):
             raise DataError(f"{name}:{n}: field {key!r}: expected text, got {json.dumps(value)}")
         if not value.strip():
             raise DataError(f"{name}:{n}: field {key!r} is empty")
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:  # a lone surrogate such as "\ud800": valid JSON, not text
+            raise DataError(f"{name}:{n}: field {key!r}: not valid Unicode text ({e.reason} at character {e.start})") from None
         texts.append(value)
     label = None
     if require_label:
         if "label" not in row:
             raise DataError(f"{name}:{n}: missing field 'label'")
         raw = row["label"]
-        try:
-            label = float(raw) if not isinstance(raw, bool) else math.nan
-        except (TypeError, ValueError):
+        if isinstance(raw, (int, float)) and not isinstance(raw, bool):
+            label = float(raw)
+        elif isinstance(raw, str) and NUMBER.fullmatch(raw.strip()):
+            label = float(raw)
+        else:
             label = math.nan
         if not 0.0 <= label <= 1.0:  # also rejects NaN
             raise DataError(f"{name}:{n}: field 'label': expected a number in [0, 1], got {json.dumps(raw, ensure_ascii=False)}")
     qid = row.get("qid")
-    return Pair(texts[0], texts[1], label, None if qid is None else str(qid), n)
+    return Pair(texts[0], texts[1], label, None if qid is None else str(qid), n, row)
+
+
+def iter_pairs(path: str, fmt: str | None = None, require_label: bool = False):
+    """Every row of a file as a checked Pair, streamed; an empty file is an error."""
+    name = "<stdin>" if path == "-" else path
+    empty = True
+    for n, row in read_rows(path, detect_format(path, fmt)):
+        empty = False
+        yield parse_pair(row, name, n, require_label)
+    if empty:
+        raise DataError(f"{name}: no rows")
 
 
 def read_pairs(path: str, fmt: str | None = None, require_label: bool = False) -> list[Pair]:
-    """Every row of a file, all checked before anything is returned; an empty file is an error too."""
-    name = "<stdin>" if path == "-" else path
-    pairs = [parse_pair(row, name, n, require_label) for n, row in read_rows(path, detect_format(path, fmt))]
-    if not pairs:
-        raise DataError(f"{name}: no rows")
-    return pairs
+    """Every row of a file, all checked before anything is returned."""
+    return list(iter_pairs(path, fmt, require_label))
+
+
+def fingerprint(pairs) -> str:
+    """sha256 of the (query, passage, label) content of `pairs`, in order: the same data whatever the file format."""
+    digest = hashlib.sha256()
+    for p in pairs:
+        digest.update(json.dumps([p.query, p.passage, p.label], ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n")
+    return digest.hexdigest()

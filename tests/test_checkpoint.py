@@ -14,6 +14,7 @@ import pytest
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer, normalizers
 
 from minilm import CrossEncoder
 from minilm.checkpoint import CheckpointError
@@ -163,6 +164,40 @@ def test_vocab_txt_without_tokenizer_json(standin_dir, golden, golden_pairs, tmp
         wrong = [n for n, e, ids in zip(golden["names"], encodings, golden["input_ids"][key]) if e.ids != ids]
         assert not wrong, f"vocab.txt tokenizer differs from tokenizer.json (max_length {key}) on {wrong}"
         assert [e.type_ids.count(0) for e in encodings] == golden["segment_a_length"][key]
+
+
+def test_save_into_a_reused_folder_writes_what_the_model_uses(standin_dir, golden_pairs, tmp_path):
+    """A vocab.txt-only checkpoint saved over a folder holding another model's tokenizer files: the reloaded model
+    must tokenize as the saved one did, not read the stale tokenizer.json / tokenizer_config.json left there."""
+    source = make_variant(standin_dir, tmp_path / "vocab_only", files=("tokenizer_config.json", "vocab.txt"))
+    model = CrossEncoder.from_pretrained(source, device="cpu")
+    reused = tmp_path / "reused"
+    reused.mkdir()
+    (reused / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 16, "do_lower_case": False}))
+    (reused / "special_tokens_map.json").write_text(json.dumps({"pad_token": "[UNK]"}))
+    stale = Tokenizer.from_file(str(standin_dir / "tokenizer.json"))
+    stale.normalizer = normalizers.BertNormalizer(lowercase=False, strip_accents=False)
+    stale.save(str(reused / "tokenizer.json"))
+    model.save_pretrained(reused)
+    again = CrossEncoder.from_pretrained(reused, device="cpu")
+    assert again.max_length == model.max_length == 512
+    assert not (reused / "special_tokens_map.json").exists()
+    pairs = golden_pairs[:40] + [("Ёлка ЙОД", "Straße ÀÉÎ")]
+    assert [e.ids for e in again.tokenizer.encode(pairs)] == [e.ids for e in model.tokenizer.encode(pairs)]
+    assert torch.equal(again.score_logits(pairs[-4:]), model.score_logits(pairs[-4:]))
+
+
+def test_saved_files_get_the_usual_permissions(standin_model, tmp_path):
+    out = tmp_path / "saved"
+    out.mkdir()
+    (out / "model.safetensors").write_bytes(b"old")
+    os.chmod(out / "model.safetensors", 0o644)
+    standin_model.save_pretrained(out)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "model.safetensors").stat().st_mode & 0o777 == 0o644  # an existing file keeps its mode
+    assert (out / "config.json").stat().st_mode & 0o777 == 0o666 & ~umask  # a new one gets a new file's
+    assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
 def test_two_layer_model(standin_dir, standin_state, standin_config, golden, golden_pairs, tmp_path):

@@ -123,13 +123,19 @@ def test_model_absent_from_the_cache(hub_cache, standin_dir):
 
 def test_name_under_weights(hub_cache, standin_dir, short, tmp_path, monkeypatch):
     weights = tmp_path / "weights"
-    weights.mkdir()
+    (weights / "someone").mkdir(parents=True)
     (weights / "my-reranker").symlink_to(standin_dir, target_is_directory=True)
+    (weights / "someone" / "their-reranker").symlink_to(standin_dir, target_is_directory=True)
     monkeypatch.setattr(minilm.checkpoint, "WEIGHTS_DIRS", (tmp_path / "elsewhere", weights))
     pairs, gold = short
-    for name in ("my-reranker", "someone/my-reranker"):  # a Hub-style id finds the folder by its last part
+    for name in ("my-reranker", "someone/their-reranker"):  # found under weights/ by the name exactly as given
         model = CrossEncoder.from_pretrained(name, device="cpu")
-        assert model.source_dir == weights / "my-reranker"
+        assert model.source_dir == weights / name
         assert max_diff(model.predict(pairs), gold) <= TOL
-    with pytest.raises(CheckpointError, match="not in the Hugging Face cache"):
-        CrossEncoder.from_pretrained("someone/not-there", device="cpu")
+    # never by a part of the name: another org's model, a missing path or another revision is not weights/NAME
+    for name, revision in (("other-org/my-reranker", None), ("someone/their-reranker", "v2")):
+        with pytest.raises(CheckpointError, match="not in the Hugging Face cache"):
+            CrossEncoder.from_pretrained(name, revision=revision, device="cpu")
+    for name in (str(tmp_path / "no" / "such" / "my-reranker"), "./my-reranker", "a/b/my-reranker"):
+        with pytest.raises(CheckpointError, match="no such directory"):
+            CrossEncoder.from_pretrained(name, device="cpu")

@@ -10,10 +10,12 @@ import csv
 import io
 import json
 import os
+import signal
 import stat
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -130,7 +132,7 @@ def test_stdin_tsv_to_stdout_subprocess(standin, model):
     text = "qid\tquery\tpassage\n" + "".join(f"{i}\t{q}\t{p.splitlines()[0]}\n" for i, (q, p) in enumerate(PAIRS))
     done = run_cli("infer.py", "--model", standin, "--device", "cpu", "--input", "-", "--format", "tsv", input=text)
     assert done.returncode == 0, done.stderr
-    rows = list(csv.DictReader(io.StringIO(done.stdout), delimiter="\t"))
+    rows = read_output(done.stdout, "tsv")
     assert [r["qid"] for r in rows] == [str(i) for i in range(len(PAIRS))]
     scores = expected_scores(model, [(r["query"], r["passage"]) for r in rows])
     np.testing.assert_allclose([float(r["score"]) for r in rows], scores, atol=1e-6)
@@ -176,12 +178,19 @@ def test_rank_passage_starting_with_dash(standin, capsys):
 
 # ------------------------------------------------------------------------------------------------------- file mode
 
+def stdin(text: str) -> io.TextIOWrapper:
+    """A stand-in for sys.stdin: text over a byte buffer, as a real one is."""
+    return io.TextIOWrapper(io.BytesIO(text.encode("utf-8")), encoding="utf-8")
+
+
 def write_input(path: Path, fmt: str, rows: list[dict]) -> None:
     if fmt == "jsonl":
         path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    elif fmt == "tsv":  # plain TSV: tab-separated, no quoting
+        path.write_text("".join("\t".join(r) + "\n" for r in [list(rows[0]), *(r.values() for r in rows)]), encoding="utf-8")
     else:
         with open(path, "w", encoding="utf-8", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]), delimiter="\t" if fmt == "tsv" else ",")
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
 
@@ -189,7 +198,10 @@ def write_input(path: Path, fmt: str, rows: list[dict]) -> None:
 def read_output(text: str, fmt: str) -> list[dict]:
     if fmt == "jsonl":
         return [json.loads(line) for line in text.splitlines()]
-    return list(csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if fmt == "tsv" else ","))
+    if fmt == "tsv":
+        header, *lines = [line.split("\t") for line in text.splitlines()]
+        return [dict(zip(header, values, strict=True)) for values in lines]
+    return list(csv.DictReader(io.StringIO(text, newline="")))
 
 
 def assert_scored(model, rows_in, rows_out, text_keys=("query", "passage"), sigmoid=False):
@@ -234,6 +246,20 @@ def test_file_formats(standin, model, tmp_path, capsys, case):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted([src.name, dst.name])
 
 
+def test_tsv_is_one_row_per_line_with_no_quoting(standin, model, tmp_path, capsys):
+    """Quotes are ordinary characters in TSV (MS MARCO text has many): 5 rows in, the same 5 rows out, byte for byte."""
+    src, dst = tmp_path / "in.tsv", tmp_path / "out.tsv"
+    src.write_text('query\tpassage\n"quoted" query\tplain\nq2\t"Hello" she said\nq3\t"unbalanced\nq4\tx\nq5\ty\n',
+                   encoding="utf-8")
+    rc, _, err = run(capsys, "--model", standin, "--device", "cpu", "--input", src, "--output", dst)
+    assert rc == 0, err
+    lines = dst.read_text(encoding="utf-8").splitlines()
+    assert lines[0] == "query\tpassage\tscore"
+    assert [line.rsplit("\t", 1)[0] for line in lines[1:]] == src.read_text(encoding="utf-8").splitlines()[1:]
+    pairs = [tuple(line.split("\t")) for line in src.read_text(encoding="utf-8").splitlines()[1:]]
+    np.testing.assert_allclose([float(line.rsplit("\t", 1)[1]) for line in lines[1:]], expected_scores(model, pairs), atol=1e-6)
+
+
 def test_extra_fields_kept_and_existing_score_replaced(standin, model, tmp_path, capsys):
     rows = [
         {"qid": 7, "query": "q one", "passage": "p one", "label": 1, "meta": {"source": ["a", 1]}, "score": "old"},
@@ -250,7 +276,7 @@ def test_extra_fields_kept_and_existing_score_replaced(standin, model, tmp_path,
 
 def test_stdin_to_stdout_jsonl(standin, model, monkeypatch, capsys):
     rows = [{"query": q, "passage": p, "label": 1} for q, p in PAIRS]
-    monkeypatch.setattr(sys, "stdin", io.StringIO("".join(json.dumps(r) + "\n" for r in rows)))
+    monkeypatch.setattr(sys, "stdin", stdin("".join(json.dumps(r) + "\n" for r in rows)))
     rc, out, err = run(capsys, "--model", standin, "--device", "cpu", "--input", "-")
     assert rc == 0, err
     assert_scored(model, rows, read_output(out, "jsonl"))
@@ -282,7 +308,7 @@ def test_bad_row_after_scored_chunks_leaves_no_output(standin, tmp_path, monkeyp
     """Standard input is not checked ahead: the bad row is met after two chunks were written to the temporary file."""
     monkeypatch.setattr(infer, "CHUNK_ROWS", 2)
     good = "".join(json.dumps({"query": q, "passage": p}) + "\n" for q, p in PAIRS)
-    monkeypatch.setattr(sys, "stdin", io.StringIO(good + '{"query": "q"}\n'))
+    monkeypatch.setattr(sys, "stdin", stdin(good + '{"query": "q"}\n'))
     dst = tmp_path / "out.jsonl"
     rc, out, err = run(capsys, "--model", standin, "--device", "cpu", "--input", "-", "--output", dst)
     assert rc == 2
@@ -292,7 +318,7 @@ def test_bad_row_after_scored_chunks_leaves_no_output(standin, tmp_path, monkeyp
 
 def test_bad_row_on_stdin_prints_nothing_to_stdout(standin, monkeypatch, capsys):
     monkeypatch.setattr(infer, "CHUNK_ROWS", 1)
-    monkeypatch.setattr(sys, "stdin", io.StringIO('{"query": "q", "passage": "p"}\nnot json\n'))
+    monkeypatch.setattr(sys, "stdin", stdin('{"query": "q", "passage": "p"}\nnot json\n'))
     rc, out, err = run(capsys, "--model", standin, "--device", "cpu", "--input", "-")
     assert rc == 2
     assert out == ""
@@ -352,6 +378,22 @@ def test_interrupt_leaves_no_output(standin, tmp_path, monkeypatch, capsys):
     assert list(tmp_path.iterdir()) == [src]
 
 
+def test_sigterm_leaves_no_output(standin, tmp_path):
+    """SIGTERM (what `kill` and job schedulers send) while scoring: exit 143, no temporary file, the old output kept."""
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(src, "jsonl", [{"query": q, "passage": p} for q, p in PAIRS] * 3000)
+    dst.write_text("old\n")
+    proc = subprocess.Popen([sys.executable, "infer.py", "--model", str(standin), "--device", "cpu", "--input", str(src),
+                             "--output", str(dst)], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".out.jsonl.*.tmp")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".out.jsonl.*.tmp")), "the temporary output never appeared"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143, proc.stderr.read()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"] and dst.read_text() == "old\n"
+
+
 BAD_INPUTS = {
     "malformed-json": ("in.jsonl", '{"query": "q", "passage": "p"}\n{"query": "q", "passage": "p"\n', ":2", "malformed JSON"),
     "not-an-object": ("in.jsonl", '["q", "p"]\n', ":1", "expected a JSON object"),
@@ -363,7 +405,13 @@ BAD_INPUTS = {
     "unknown-extension": ("in.txt", '{"query": "q", "passage": "p"}\n', "", "cannot tell the format"),
     "empty-file": ("in.jsonl", "", "", "no rows"),
     "header-only": ("in.csv", "query,passage\n", "", "no rows"),
-    "not-utf8": ("in.tsv", b"query\tpassage\nq\t\xff\xfe\n", "", "utf-8"),
+    "not-utf8": ("in.tsv", b"query\tpassage\nq\t\xff\xfe\n", ":2", "not UTF-8"),
+    "not-utf8-deep": ("in.jsonl", b'{"query": "q", "passage": "p"}\n' * 2500 + b'{"query": "q", "passage": "\xff"}\n', ":2501",
+                      "not UTF-8"),
+    "lone-surrogate": ("in.jsonl", '{"query": "q", "passage": "p"}\n{"query": "\\ud800", "passage": "p"}\n', ":2",
+                       "field 'query': not valid Unicode text"),
+    "csv-stray-quote": ("in.csv", 'query,passage\nq,"p\nq,p\n', ":2", "malformed CSV"),
+    "header-without-columns": ("in.csv", "question,text\nq,p\n", ":2", "the row has 'question', 'text'"),
 }
 
 
@@ -379,6 +427,18 @@ def test_bad_input_exits_2_naming_file_and_line(tmp_path, monkeypatch, capsys, c
     assert out == ""
     assert_one_line_error(err, f"{src}{line}", problem)
     assert list(tmp_path.iterdir()) == [src]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "tsv", "csv"])
+def test_a_byte_order_mark_is_skipped(standin, model, tmp_path, capsys, fmt):
+    """Excel's "CSV UTF-8" and many Windows tools start files with a UTF-8 BOM: it is not part of the first field."""
+    rows = [{"query": q, "passage": p.replace("\n", " ")} for q, p in PAIRS]
+    src, dst = tmp_path / f"in.{fmt}", tmp_path / f"out.{fmt}"
+    write_input(src, fmt, rows)
+    src.write_bytes(b"\xef\xbb\xbf" + src.read_bytes())
+    rc, _, err = run(capsys, "--model", standin, "--device", "cpu", "--input", src, "--output", dst)
+    assert rc == 0, err
+    assert_scored(model, rows, read_output(dst.read_text(encoding="utf-8"), fmt))
 
 
 def test_missing_input_file(tmp_path, monkeypatch, capsys):
@@ -403,7 +463,7 @@ def test_failed_run_leaves_existing_output_untouched(tmp_path, monkeypatch, caps
 
 
 def test_failed_stream_leaves_existing_output_untouched(standin, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "stdin", io.StringIO('{"query": "q", "passage": "p"}\n{"query": "", "passage": "p"}\n'))
+    monkeypatch.setattr(sys, "stdin", stdin('{"query": "q", "passage": "p"}\n{"query": "", "passage": "p"}\n'))
     dst = tmp_path / "out.jsonl"
     dst.write_text("precious\n")
     rc, _, err = run(capsys, "--model", standin, "--device", "cpu", "--input", "-", "--output", dst)

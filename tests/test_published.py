@@ -1,7 +1,7 @@
 """The published outputs of the real base model, cross-encoder/ms-marco-MiniLM-L6-v2 (raw logits, Identity activation).
 
 Runs only when that model is already on this machine: in the Hugging Face cache (HF_HUB_CACHE / HF_HOME, looked up
-without network access) or under weights/ (`weights/ms-marco-MiniLM-L6-v2`). Otherwise every test here is skipped
+without network access) or under weights/ (`weights/cross-encoder/ms-marco-MiniLM-L6-v2`). Otherwise every test here is skipped
 with the reason. To run them: `hf download cross-encoder/ms-marco-MiniLM-L6-v2` on a machine with internet access.
 
 Sources of the numbers:
@@ -28,7 +28,7 @@ def find_local_model():
     """The folder of the base model if it is on this machine, else None. Never touches the network."""
     for weights_dir in minilm.checkpoint.WEIGHTS_DIRS:
         for repo_id in REPO_IDS:
-            folder = Path(weights_dir) / repo_id.split("/")[1]
+            folder = Path(weights_dir) / repo_id
             if (folder / "config.json").is_file() and any((folder / w).is_file() for w in WEIGHTS):
                 return folder
     try:

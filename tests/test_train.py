@@ -142,7 +142,7 @@ def test_resume_ends_with_the_uninterrupted_weights(run, standin_dir, tmp_path):
 
 def test_resume_refuses_a_different_run(run, tmp_path, train_inprocess):
     code, err = train_inprocess(*golden_args(run, tmp_path / "x", "--batch-size", 4, "--resume", run / "checkpoint-28"))
-    assert code == 2 and "batch_size 8 -> 4" in err
+    assert code == 2 and "batch_size 8 -> 4" in err, err
 
 
 # ------------------------------------------------------------------------------------------------------ fp16 rules
@@ -201,6 +201,8 @@ BAD_DATA = [
     ("t.jsonl", GOOD + '{"query": "q", "passage": "p", "label": 1.5}\n', "t.jsonl:2: field 'label': expected a number in [0, 1]"),
     ("t.jsonl", '{"query": "q", "passage": "p", "label": "yes"}\n', "t.jsonl:1: field 'label'"),
     ("t.jsonl", '{"query": "q", "passage": "p"}\n', "t.jsonl:1: missing field 'label'"),
+    ("t.jsonl", GOOD + '{"query": "q", "passage": "p", "label": "0_1"}\n', "t.jsonl:2: field 'label'"),  # float() would take it
+    ("t.jsonl", GOOD * 3 + '{"query": "q\\udc80", "passage": "p", "label": 1}\n', "t.jsonl:4: field 'query': not valid Unicode"),
     ("t.jsonl", GOOD + '{"query": "q", "passage": "p", "label": 1\n', "t.jsonl:2: malformed JSON"),
     ("t.jsonl", "", "t.jsonl: no rows"),
     ("t.tsv", "query\tpassage\tlabel\nq\tp\t1\nq\tp\n", "t.tsv:3: expected 3 fields"),
@@ -222,23 +224,82 @@ def test_bad_data_exits_2_naming_the_line(tmp_path, train_inprocess, name, text,
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--epochs", "2.5"], "--epochs expects int, got '2.5'"),
-    (["--lr=fast"], "--lr expects float, got 'fast'"),
-    (["--bogus", "1"], "unknown option --bogus"),
-    (["--batch_size"], "--batch_size needs a value"),
-    (["extra"], "unexpected argument 'extra'"),
+    (["--epochs", "2.5"], "argument --epochs: invalid int value: '2.5'"),
+    (["--lr=fast"], "argument --lr: invalid float value: 'fast'"),
+    (["--bogus", "1"], "unrecognized arguments: --bogus 1"),
+    (["--batch_size"], "argument --batch-size: expected one argument"),
+    (["--epoch", "3"], "unrecognized arguments: --epoch 3"),  # no abbreviations: a typo is not another option
+    (["extra"], "unrecognized arguments: extra"),
     (["--precision", "fp8"], "--precision must be auto, fp32, fp16 or bf16"),
     (["--batch-size", "0"], "must be at least 1"),
     (["--warmup-ratio", "nan"], "0 <= --warmup-ratio <= 1"),
+    (["--lr", "inf"], "need a finite --lr > 0"),
+    (["--seed", "-1"], "--seed cannot be negative"),
+    (["--overwrite-output", "maybe"], "invalid true|false value: 'maybe'"),
 ])
 def test_bad_options_exit_2(tmp_path, train_inprocess, args, message):
     (tmp_path / "t.jsonl").write_text(GOOD)
     code, err = train_inprocess("--train", tmp_path / "t.jsonl", "--output", tmp_path / "out", *args)
     assert code == 2 and message in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def test_train_and_output_are_required(train_inprocess):
-    assert train_inprocess("--train", PAIRS) == (2, "train.py: error: --output DIR is required\n")
+    code, err = train_inprocess("--train", PAIRS)
+    assert code == 2 and err.splitlines()[-1] == "train.py: error: --output DIR is required"
+
+
+def test_underscored_options_are_accepted(tmp_path, train_inprocess):
+    code, err = train_inprocess("--train", tmp_path / "none.jsonl", "--output", tmp_path / "out", "--batch_size=4", "--log_every", "2")
+    assert code == 2 and "none.jsonl: cannot open" in err, err  # the options parsed; the missing file stopped it
+
+
+# ------------------------------------------------------------------------------------- a reused --output folder
+def short_run(model, output, *extra):
+    return ["--model", model, "--train", PAIRS, "--output", output, "--batch-size", 8, "--max-steps", 2, "--max-length", 16,
+            "--device", "cpu", "--log-every", 1, "--save-every", 1, *extra]
+
+
+def test_output_holding_another_run_is_refused_and_never_pruned(run, standin_dir, tmp_path, train_inprocess):
+    """Checkpoints of an earlier run in --output are not taken for this run's, nor deleted by its pruning."""
+    out = tmp_path / "reused"
+    out.mkdir()
+    shutil.copytree(run / "checkpoint-28", out / "checkpoint-28")  # another run (30 steps), further along
+    code, err = train_inprocess(*short_run(standin_dir, out))
+    assert code == 2 and "holds an earlier run (checkpoint-28)" in err and "--resume latest" in err, err
+    code, err = train_inprocess(*short_run(standin_dir, out, "--resume", "latest"))
+    assert code == 2 and "train_sha256" not in err and "total_steps 30 -> 2" in err and "max_length 80 -> 16" in err, err
+    train(*short_run(standin_dir, out, "--overwrite-output", "true"))  # starts over: the old checkpoints go
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
+    shutil.copytree(run / "checkpoint-28", out / "checkpoint-28")
+    train(*short_run(standin_dir, out, "--resume", str(out / "checkpoint-1"), "--keep-checkpoints", 1))
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-28"]  # 28 is not ours
+
+
+def test_resume_refuses_changed_data_or_settings(run, standin_dir, tmp_path, train_inprocess):
+    """Same number of rows but other labels, or another lr / max_length / precision: not the run that was saved."""
+    rows = [json.loads(line) for line in PAIRS.read_text(encoding="utf-8").splitlines()]
+    flipped = tmp_path / "flipped.jsonl"
+    flipped.write_text("".join(json.dumps({**r, "label": 1 - r["label"]}) + "\n" for r in rows), encoding="utf-8")
+    args = golden_args(standin_dir, tmp_path / "x", "--resume", run / "checkpoint-28")
+    code, err = train_inprocess(*[flipped if a == PAIRS else a for a in args])
+    assert code == 2 and "train_sha256" in err and "exact resumption needs the same data and settings" in err, err
+    code, err = train_inprocess(*args, "--lr", "1e-4", "--precision", "bf16")
+    assert code == 2 and "lr 5e-05 -> 0.0001" in err and "precision 'fp32' -> 'bf16'" in err, err
+
+
+@pytest.mark.parametrize("damage", ["truncated optimizer.pt", "no scheduler.pt", "empty trainer_state.json"])
+def test_resume_from_a_damaged_checkpoint_exits_2(run, standin_dir, tmp_path, train_inprocess, damage):
+    ckpt = tmp_path / "checkpoint-28"
+    shutil.copytree(run / "checkpoint-28", ckpt)
+    if damage.startswith("truncated"):
+        (ckpt / "optimizer.pt").write_bytes((ckpt / "optimizer.pt").read_bytes()[:1000])
+    elif damage.startswith("no"):
+        (ckpt / "scheduler.pt").unlink()
+    else:
+        (ckpt / "trainer_state.json").write_text("{}")
+    code, err = train_inprocess(*golden_args(standin_dir, tmp_path / "x", "--resume", ckpt))
+    assert code == 2 and str(ckpt) in err and len(err.strip().splitlines()) == 1, err
 
 
 # ------------------------------------------------------------------------------------------------------------ DDP
