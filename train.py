@@ -56,11 +56,13 @@ from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from minilm.checkpoint import CheckpointError, atomic_write, fsync, write_json
+from minilm import precision as precisions
+from minilm.checkpoint import CheckpointError, atomic_write, fsync, write_json, write_text
 from minilm.crossencoder import CrossEncoder
 from minilm.data import DataError, fingerprint, read_pairs
 from minilm.evaluate import evaluate, format_metrics
 from minilm.plot import line_chart_svg
+from minilm.unpadded import Unpadded, pack
 
 
 def option(default, help):
@@ -80,13 +82,17 @@ class TrainConfig:
     weight_decay: float = option(0.0, "decoupled (AdamW); never applied to biases and LayerNorm parameters")
     max_grad_norm: float = option(1.0, "clip the global gradient 2-norm; inf disables clipping")
     seed: int = option(42, "seeds the epoch permutations (seed + epoch), dropout and the head's init")
-    precision: str = option("auto", "auto (fp16 on CUDA, fp32 otherwise), fp32, fp16 (autocast + GradScaler; CUDA only), "
-                                     "bf16 (autocast; CUDA, or CPUs with AVX512-BF16/AMX)")
+    precision: str = option("auto", "auto: fp16 on CUDA (the card's); on a CPU bf16 in the fast loop where the CPU has "
+                                     "native bf16 (AVX512-BF16/AMX: ~1.6x the speed of fp32 there), else fp32. Or fp32, "
+                                     "fp16 (autocast + GradScaler; CUDA only), bf16 (autocast; CUDA or native-bf16 CPUs)")
     max_length: int = option(0, "tokens per pair including [CLS] and 2x[SEP]; 0 = the checkpoint's (512)")
     log_every: int = option(500, "log the mean loss every N steps (and the rest at the end)")
     eval_every: int = option(0, "0 = evaluate only at the end")
     save_every: int = option(0, "write a checkpoint every N steps; 0 = none")
     keep_checkpoints: int = option(2, "keep the newest N checkpoint-STEP folders of this run")
+    exact: bool = option(False, "true: the sentence-transformers trainer's own computation (bit for bit on a CPU in fp32: "
+                                "padded batches, its kernels and random draws); false: the fast loop, same recipe "
+                                "(unpadded batches, cheaper dropout masks, fused AdamW, no host sync per step)")
     resume: str = option("", "a checkpoint folder, or 'latest' for the newest in --output")
     overwrite_output: bool = option(False, "start over in an --output that holds an earlier run (its checkpoints are deleted)")
     max_steps: int = option(0, "> 0: train exactly this many steps, the schedule decaying to 0 there (overrides --epochs)")
@@ -174,14 +180,25 @@ try:
     device = torch.device(cfg.device)
 except RuntimeError as e:
     die(f"--device: {e}")
+if device.type not in ("cpu", "cuda"):
+    die(f"--device {cfg.device}: train.py runs on cpu or cuda")
+if device.type == "cuda" and not torch.cuda.is_available():
+    die(f"--device {cfg.device}: no CUDA device is available")
 if ddp and device.type == "cuda":
     device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     torch.cuda.set_device(device)
+fast = not cfg.exact
+precision = cfg.precision
+if precision == "auto":  # the trainer's choice for the exact loop; the fast loop also takes a CPU's native bf16
+    precision = "fp16" if device.type == "cuda" else "bf16" if fast and precisions.native_bf16() else "fp32"
+try:
+    precisions.check(precision, device)
+except ValueError as e:
+    die(f"--precision {precision}: {e}")
 if ddp:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 master = rank == 0
-precision = cfg.precision if cfg.precision != "auto" else ("fp16" if device.type == "cuda" else "fp32")
-amp_dtype = {"fp32": None, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+amp_dtype = precisions.AUTOCAST.get(precision)
 autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
 
 
@@ -207,7 +224,12 @@ try:
 except (CheckpointError, ValueError, OSError) as e:
     die(e)
 model = ce.model  # fp32 parameters; autocast lowers the precision of the forward only
-train_model = DDP(model, device_ids=[device] if device.type == "cuda" else None) if ddp else model
+t0 = time.time()
+encodings = ce.tokenizer.encode([(p.query, p.passage) for p in train_pairs])  # once; each batch is padded or packed
+labels_all = torch.tensor([p.label for p in train_pairs], dtype=torch.float32)
+train_model = Unpadded(model) if fast else model  # the fast loop's forward on real tokens only (minilm/unpadded.py)
+if ddp:
+    train_model = DDP(train_model, device_ids=[device] if device.type == "cuda" else None)
 
 random.seed(cfg.seed)  # transformers.set_seed, called by the Trainer once the model exists
 np.random.seed(cfg.seed)
@@ -215,10 +237,10 @@ torch.manual_seed(cfg.seed)  # CPU and every CUDA device
 
 # ------------------------------------------------------------------------------------- optimizer and lr schedule
 no_decay = {n for n, _ in model.named_parameters() if "bias" in n or "norm" in n.lower()}  # transformers' rule
-optimizer = torch.optim.AdamW(  # no fused/foreach arguments: torch's default kernel choice, as optim="adamw_torch"
+optimizer = torch.optim.AdamW(  # exact: torch's default kernel choice, as optim="adamw_torch"; fast: one fused kernel
     [{"params": [p for n, p in model.named_parameters() if n not in no_decay], "weight_decay": cfg.weight_decay},
      {"params": [p for n, p in model.named_parameters() if n in no_decay], "weight_decay": 0.0}],
-    lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8)
+    lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=fast or None)
 warmup = math.ceil(cfg.warmup_ratio * total_steps)
 
 
@@ -228,19 +250,26 @@ def lr_factor(s):  # transformers.get_linear_schedule_with_warmup; s = scheduler
     return max(0.0, float(total_steps - s) / float(max(1, total_steps - warmup)))
 
 
-scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+# The lr after s scheduler steps, as LambdaLR computes it (base lr * factor, in Python floats). The schedule advances
+# only on steps the fp16 GradScaler did not skip; `taken` counts them on the device, so the fast loop looks its lr up
+# there, with no host sync.
+schedule = [cfg.lr * lr_factor(s) for s in range(total_steps + 1)]
+schedule_on_device = torch.tensor(schedule, dtype=torch.float64, device=device)
+taken = torch.zeros((), dtype=torch.int64, device=device)
 scaler = torch.amp.GradScaler(device.type, init_scale=cfg.fp16_init_scale, growth_factor=2.0, backoff_factor=0.5,
                               growth_interval=cfg.fp16_growth_interval, enabled=precision == "fp16")
 
 # -------------------------------------------------------------------------------------- checkpoints and resuming
 state = {"step": 0, "loss_total": 0.0, "history": []}  # loss_total: sum of the logged interval sums (the trainer's)
 tr_loss = torch.zeros((), device=device)  # fp32 sum of the step losses since the last log, like the trainer's tr_loss
+first_nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # the first step whose loss was inf/nan, 0: none
 interval = {"steps": 0, "tokens": 0, "padded": 0}  # the rest of what the next log line averages over
 # What must be the same for --resume to continue a run exactly (the data by content, the recipe, the processes)
-run_info = {"train_sha256": fingerprint(train_pairs), "train_size": N, "model": cfg.model, "batch_size": cfg.batch_size,
-            "total_steps": total_steps, "lr": cfg.lr, "warmup_ratio": cfg.warmup_ratio, "weight_decay": cfg.weight_decay,
-            "max_grad_norm": cfg.max_grad_norm, "seed": cfg.seed, "precision": precision, "max_length": ce.max_length,
-            "fp16_init_scale": cfg.fp16_init_scale, "fp16_growth_interval": cfg.fp16_growth_interval, "world_size": world}
+run_info = {"train_sha256": fingerprint(train_pairs), "train_size": N, "model": cfg.model, "exact": cfg.exact,
+            "batch_size": cfg.batch_size, "total_steps": total_steps, "lr": cfg.lr, "warmup_ratio": cfg.warmup_ratio,
+            "weight_decay": cfg.weight_decay, "max_grad_norm": cfg.max_grad_norm, "seed": cfg.seed, "precision": precision,
+            "max_length": ce.max_length, "fp16_init_scale": cfg.fp16_init_scale,
+            "fp16_growth_interval": cfg.fp16_growth_interval, "world_size": world}
 
 
 def rng_state() -> dict:
@@ -266,7 +295,17 @@ def interval_totals():
     return totals.tolist()
 
 
+def stop_if_diverged():
+    """Exit 1 at the first non-finite loss (checked at log, checkpoint and end: no host sync per step)."""
+    bad = int(first_nonfinite)
+    if bad:
+        print(f"train.py: error: the loss was not finite at step {bad} (the run diverged: try a lower --lr); nothing "
+              f"after it was saved{', the last checkpoint is kept' if cfg.save_every else ''}", file=sys.stderr)
+        sys.exit(1)
+
+
 def save_checkpoint(step):
+    stop_if_diverged()
     final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
     loss_sum, tokens = interval_totals()  # a log interval may straddle the checkpoint
     pending = {**interval, "loss": loss_sum, "tokens": int(tokens)}
@@ -279,10 +318,11 @@ def save_checkpoint(step):
         atomic_write(tmp / f"rng_state_{rank}.pth", lambda f: torch.save(rng_state(), f))
         if master:
             ce.save_pretrained(tmp)
-            for name, obj in (("optimizer.pt", optimizer), ("scheduler.pt", scheduler), ("scaler.pt", scaler)):
+            for name, obj in (("optimizer.pt", optimizer), ("scaler.pt", scaler)):
                 atomic_write(tmp / name, lambda f, obj=obj: torch.save(obj.state_dict(), f))
             write_json(tmp / "trainer_state.json", {**run_info, **state, "epoch": step // steps_per_epoch,
-                                                    "batch_in_epoch": step % steps_per_epoch, "interval": pending})
+                                                    "batch_in_epoch": step % steps_per_epoch, "scheduler_steps": int(taken),
+                                                    "interval": pending})
     except (OSError, RuntimeError) as e:  # disk full: torch.save says so as a RuntimeError from its zip writer
         shutil.rmtree(tmp, ignore_errors=True)
         print(f"train.py: error: writing checkpoint {final} failed ({str(e).splitlines()[0]}); the last complete "
@@ -298,6 +338,11 @@ def save_checkpoint(step):
             shutil.rmtree(old)
 
 
+def json_line(entry) -> str:
+    """One log record; a non-finite number (a skipped fp16 step's gradient norm) is written as null, as JSON has none."""
+    return json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in entry.items()}) + "\n"
+
+
 if cfg.resume:
     ckpt = Path(cfg.resume)
     if cfg.resume == "latest":
@@ -305,7 +350,7 @@ if cfg.resume:
         ckpt = found[-1] if found else die(f"--resume latest: no checkpoint-STEP folder in {out}")
     saved = read_state(ckpt)
     missing = [f.name for f in (ckpt / "trainer_state.json", ckpt / "model.safetensors", ckpt / "optimizer.pt",
-                                ckpt / "scheduler.pt", ckpt / "scaler.pt", ckpt / f"rng_state_{rank}.pth") if not f.is_file()]
+                                ckpt / "scaler.pt", ckpt / f"rng_state_{rank}.pth") if not f.is_file()]
     if missing or "step" not in saved:
         die(f"--resume: {ckpt} is not a complete checkpoint of train.py ({', '.join(missing) or 'trainer_state.json'} "
             "missing or unreadable)")
@@ -316,10 +361,10 @@ if cfg.resume:
     try:
         model.load_state_dict(load_file(ckpt / "model.safetensors", device=str(device)))
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
-        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", weights_only=True))
         scaler.load_state_dict(torch.load(ckpt / "scaler.pt", weights_only=True))
         set_rng_state(torch.load(ckpt / f"rng_state_{rank}.pth", weights_only=True))
         state = {k: saved[k] for k in state}
+        taken.fill_(saved["scheduler_steps"])
         pending = saved["interval"]  # sums over all ranks: rank 0 carries them on
     except Exception as e:  # a truncated or foreign file: name it, do not train from a half-restored state
         die(f"--resume: {ckpt} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
@@ -328,36 +373,56 @@ if cfg.resume:
     log(f"resumed from {ckpt} at step {state['step']}")
 
 if master:
-    out.mkdir(parents=True, exist_ok=True)
-    if cfg.overwrite_output:
-        for old in checkpoints(out):
-            shutil.rmtree(old)
-    for tmp in out.glob(".checkpoint-*.tmp"):  # left by a run killed while saving
-        shutil.rmtree(tmp, ignore_errors=True)
-    atomic_write(out / "log.jsonl", lambda tmp: Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in state["history"])))
-    log_file = open(out / "log.jsonl", "a", encoding="utf-8")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if cfg.overwrite_output:
+            for old in checkpoints(out):
+                shutil.rmtree(old)
+        for tmp in out.glob(".checkpoint-*.tmp"):  # left by a run killed while saving
+            shutil.rmtree(tmp, ignore_errors=True)
+        write_text(out / "log.jsonl", "".join(json_line(r) for r in state["history"]))
+        log_file = open(out / "log.jsonl", "a", encoding="utf-8")
+    except OSError as e:
+        die(f"--output {out}: {e.strerror or e}")
 
 
 def record(entry):
     state["history"].append(entry)
     if master:
-        log_file.write(json.dumps(entry) + "\n")
+        log_file.write(json_line(entry))
         log_file.flush()
+
+
+def log_interval(step, epoch, lr, grad_norm):
+    """The mean loss of the steps since the last log line, and what else the log shows (syncs the host: log time)."""
+    global t_log, interval
+    loss_sum, tokens = interval_totals()
+    tr_loss.zero_()
+    dt, t_log = time.time() - t_log, time.time()
+    entry = {"step": step, "epoch": epoch, "loss": loss_sum / interval["steps"], "lr": float(lr),
+             "grad_norm": grad_norm.item(), "tokens_per_s": tokens / dt, "padding": 1 - interval["tokens"] / interval["padded"]}
+    if scaler.is_enabled():
+        entry["scale"] = scaler.get_scale()
+    state["loss_total"] += loss_sum
+    record(entry)
+    log(f"step {step} | epoch {epoch:.4f} | loss {entry['loss']:.4f} | lr {entry['lr']:.3e} | grad norm "
+        f"{entry['grad_norm']:.4f} | {entry['tokens_per_s']:,.0f} tok/s | pad {entry['padding']:.0%}")
+    interval = {"steps": 0, "tokens": 0, "padded": 0}
 
 
 def run_eval(step):
     if not (eval_pairs and master):
         return
-    with autocast:
-        metrics = evaluate(ce, eval_pairs)
+    metrics = evaluate(ce, eval_pairs)  # in fp32, whatever the training precision: comparable across runs
     record({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
     log(f"eval step {step} | {format_metrics(metrics)}")
 
 
 # ------------------------------------------------------------------------------------------------------ the loop
 n_params = sum(p.numel() for p in model.parameters())
-log(f"{N} training pairs, {steps_per_epoch} steps/epoch, {total_steps} steps ({epochs} epochs), {n_params / 1e6:.1f}M "
-    f"parameters, {precision} on {device}{f', {world} processes' if ddp else ''}, max_length {ce.max_length}")
+log(f"{N} training pairs (tokenized in {time.time() - t0:.1f} s), {steps_per_epoch} steps/epoch, {total_steps} steps "
+    f"({epochs} epochs), {n_params / 1e6:.1f}M parameters, {'exact' if cfg.exact else 'fast'} loop, {precision} on "
+    f"{device}{f', {world} processes' if ddp else ''}, max_length {ce.max_length}")
 step = first_step = state["step"]
 t_start = t_log = time.time()
 bar = tqdm(total=total_steps, initial=step, disable=not master or not sys.stderr.isatty(), unit="step", dynamic_ncols=True)
@@ -371,72 +436,63 @@ for epoch in range(start_epoch, epochs):
             break
         batch = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
         lo, hi = rank * len(batch) // world, (rank + 1) * len(batch) // world
-        rows = [train_pairs[i] for i in batch[lo:hi] or batch[:1]]  # a rank with no row computes one at weight 0
-        enc = ce.tokenizer([(p.query, p.passage) for p in rows])  # dynamic padding to this batch's longest pair
-        inputs = {k: torch.from_numpy(v).to(device) for k, v in enc.items()}
-        labels = torch.tensor([p.label for p in rows], dtype=torch.float32, device=device)
-
-        model.train()
+        rows = batch[lo:hi] or batch[:1]  # a rank with no row computes one at weight 0
+        labels = labels_all[rows].to(device, non_blocking=True)
+        train_model.train()
         with autocast:
-            logits = train_model(**inputs)
+            if fast:
+                logits = train_model(pack([encodings[i] for i in rows], device))  # real tokens only
+            else:
+                padded = ce.tokenizer.pad([encodings[i] for i in rows])  # dynamic padding to this batch's longest pair
+                logits = train_model(**{k: torch.from_numpy(v).to(device) for k, v in padded.items()})
         loss = F.binary_cross_entropy_with_logits(logits.float(), labels)  # mean over the rows, fp32, outside autocast
         loss = loss * ((hi - lo) * world / len(batch))  # 1.0 on one process; DDP: this rank's share of the batch mean
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)  # norm before clipping
-        lr = scheduler.get_last_lr()[0]
-        scale = scaler.get_scale()
-        scaler.step(optimizer)  # skipped when fp16 gradients overflowed; the scale then halves
+        lr = schedule_on_device[taken] if fast else schedule[int(taken)]
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        scaler.step(optimizer)  # skipped when fp16 gradients overflowed (then the norm is inf/nan); the scale halves
         scaler.update()
-        if scaler.get_scale() >= scale:  # the step was not skipped: only then does the schedule advance
-            scheduler.step()
+        taken += torch.isfinite(grad_norm) if scaler.is_enabled() else 1  # the schedule holds on a skipped step
         optimizer.zero_grad(set_to_none=True)
 
         step += 1
         bar.update(1)
         tr_loss += loss.detach() / world
+        first_nonfinite.masked_fill_((first_nonfinite == 0) & ~torch.isfinite(loss.detach()), step)
+        lengths = [len(encodings[i].ids) for i in rows]
         interval["steps"] += 1
-        interval["tokens"] += int(enc["attention_mask"].sum())
-        interval["padded"] += enc["attention_mask"].size
-        if step % cfg.log_every == 0:
-            loss_sum, tokens = interval_totals()
-            tr_loss.zero_()
-            dt = time.time() - t_log
-            t_log = time.time()
-            entry = {"step": step, "epoch": epoch + (b + 1) / steps_per_epoch, "loss": loss_sum / interval["steps"],
-                     "lr": lr, "grad_norm": grad_norm.item(), "tokens_per_s": tokens / dt,
-                     "padding": 1 - interval["tokens"] / interval["padded"]}
-            if scaler.is_enabled():
-                entry["scale"] = scaler.get_scale()
-            state["loss_total"] += loss_sum
-            record(entry)
-            log(f"step {step} | epoch {entry['epoch']:.4f} | loss {entry['loss']:.4f} | lr {lr:.3e} | grad norm "
-                f"{entry['grad_norm']:.4f} | {entry['tokens_per_s']:,.0f} tok/s | pad {entry['padding']:.0%}")
-            interval = {"steps": 0, "tokens": 0, "padded": 0}
+        interval["tokens"] += sum(lengths)
+        interval["padded"] += len(lengths) * max(lengths)
+        if step % cfg.log_every == 0 or step == total_steps:  # the last, partial interval too
+            stop_if_diverged()
+            log_interval(step, epoch + (b + 1) / steps_per_epoch, lr, grad_norm)
         if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
             run_eval(step)
         if cfg.save_every and step % cfg.save_every == 0:
             state["step"] = step
             save_checkpoint(step)
 bar.close()
+stop_if_diverged()
 
 # ------------------------------------------------------------------------------------------------ totals, saving
 elapsed = time.time() - t_start
-summary = {"step": step, "train_loss": (state["loss_total"] + interval_totals()[0]) / step, "train_runtime": elapsed,
+summary = {"step": step, "train_loss": state["loss_total"] / step, "train_runtime": elapsed,
            "train_steps_per_second": (step - first_step) / elapsed}
 record(summary)
 log(f"done: train_loss {summary['train_loss']:.4f} | {elapsed:.1f} s | {summary['train_steps_per_second']:.2f} steps/s")
 run_eval(step)
 
-if master:
-    ce.save_pretrained(out)
+
+def model_card() -> str:
+    """README.md of the saved model: how it was trained, its loss curve as a table, its evaluations."""
     losses = [r for r in state["history"] if "loss" in r]
-    if losses:
-        svg = line_chart_svg([r["step"] for r in losses], [r["loss"] for r in losses],
-                             f"training loss on {Path(cfg.train).name} (mean of every {cfg.log_every} steps)", "step", "BCE loss")
-        atomic_write(out / "loss.svg", lambda tmp: Path(tmp).write_text(svg, encoding="utf-8"))
     evals = [r for r in state["history"] if "eval_mrr@10" in r]
-    card = "\n".join([
+    settings = {k: v for k, v in asdict(cfg).items() if k not in ("train", "output", "resume", "overwrite_output") and v != ""}
+    settings.update(epochs=epochs, precision=precision, processes=world, total_steps=total_steps)  # as run, not as asked
+    return "\n".join([
         "---", "library_name: minilm", "pipeline_tag: text-ranking", f"base_model: {cfg.model}",
         "tags: [cross-encoder, reranker, generated_from_trainer, loss:BinaryCrossEntropyLoss]", "---", "",
         f"# Cross-encoder fine-tuned from `{cfg.model}`", "",
@@ -447,8 +503,7 @@ if master:
         "## Training data", "",
         f"`{cfg.train}`: {N:,} pairs, mean label {sum(p.label for p in train_pairs) / N:.3f}.", "",
         "## Hyperparameters", "", "| setting | value |", "|:--|:--|",
-        *(f"| {k} | `{v}` |" for k, v in asdict(cfg).items() if k not in ("train", "output", "resume") and v != ""),
-        f"| precision used | `{precision}` |", f"| processes | {world} |", f"| total steps | {total_steps} |", "",
+        *(f"| {k} | `{v}` |" for k, v in settings.items()), "",
         "## Training logs", "", "| Epoch | Step | Training Loss |", "|:-:|:-:|:-:|",
         *(f"| {r['epoch']:.4f} | {r['step']} | {r['loss']:.4f} |" for r in losses), "",
         f"train_loss (mean of all {step} steps) {summary['train_loss']:.4f}, {elapsed:.0f} s.", "",
@@ -457,7 +512,15 @@ if master:
            *(f"| {r['step']} | {r['eval_mrr@10']:.4f} | {r['eval_ndcg@10']:.4f} | {r['eval_r@1']:.4f} | {r['eval_queries']} |" for r in evals), ""]
           if evals else []),
     ])
-    atomic_write(out / "README.md", lambda tmp: Path(tmp).write_text(card, encoding="utf-8"))
+
+
+if master:
+    ce.save_pretrained(out)
+    losses = [r for r in state["history"] if "loss" in r]
+    svg = line_chart_svg([r["step"] for r in losses], [r["loss"] for r in losses],
+                         f"training loss on {Path(cfg.train).name} (mean of every {cfg.log_every} steps)", "step", "BCE loss")
+    write_text(out / "loss.svg", svg)
+    write_text(out / "README.md", model_card())
     log_file.close()
     log(f"saved the model to {out}")
 if ddp:

@@ -51,7 +51,7 @@ def main():
     assert all(len(b) == 1 for b in blocks), "top-1 below reads each query's 20 candidates as 20 consecutive rows"
     ce = CrossEncoder.from_pretrained(args.model, device="cpu")
     reference = ce.predict(pairs)
-    layers = ce.model.bert.encoder.layer
+    layers = ce.model.layers
     linears = [(name, m) for name, m in layers[:-1].named_modules() if isinstance(m, torch.nn.Linear)]  # "3.intermediate.dense"
 
     def report(label, scores):

@@ -66,7 +66,7 @@ def main():
     labels = torch.tensor([float(r["label"]) for r in sample])
     ce = CrossEncoder.from_pretrained(args.model, device="cpu")
     model = ce.model.eval()
-    layers = model.bert.encoder.layer
+    layers = model.layers
 
     # the frozen part, once: each pair's output of layers 1..N-1 on its real tokens, (T_i, H)
     t0 = time.perf_counter()
@@ -77,10 +77,7 @@ def main():
         for start in range(0, len(sample), args.batch_size):
             idx = longest_first[start : start + args.batch_size]
             batch = {k: torch.from_numpy(v) for k, v in ce.tokenizer.pad([encodings[i] for i in idx]).items()}
-            x = model.bert.embeddings(batch["input_ids"], batch["token_type_ids"])  # (B, T, H)
-            bias = attention_bias(batch["attention_mask"], x.dtype)
-            for layer in layers[:-1]:
-                x = layer(x, bias)
+            x, _ = model.trunk(**batch)  # (B, T, H)
             for row, i in enumerate(idx):
                 frozen[i] = x[row, : len(encodings[i].ids)].clone()
     print(f"{len(sample)} training pairs; frozen layers computed in {time.perf_counter() - t0:.0f} s", flush=True)
@@ -98,7 +95,7 @@ def main():
             x = torch.nn.utils.rnn.pad_sequence([frozen[i] for i in idx], batch_first=True)  # (B, T, H)
             mask = torch.nn.utils.rnn.pad_sequence([torch.ones(len(frozen[i]), dtype=torch.long) for i in idx],
                                                    batch_first=True)  # (B, T)
-            cls = layers[-1](x, attention_bias(mask, x.dtype), x[:, :1])  # (B, 1, H): the pooler reads only [CLS]
+            cls = layers[-1](x, attention_bias(mask, x.dtype), cls_only=True)  # (B, 1, H): the pooler reads only [CLS]
             logits = model.classifier(model.dropout(model.bert.pooler(cls))).squeeze(-1)  # (B,)
             loss = F.binary_cross_entropy_with_logits(logits, labels[idx])
             optimizer.zero_grad()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import packed as minilm_packed
+from . import precision as precisions
 from .checkpoint import (TOKENIZER_FILES, atomic_write, load_weights, read_state_dict, resolve, save_weights, skip_init,
                          write_json)
 from .model import Config, CrossEncoderModel
@@ -24,8 +24,6 @@ SIGMOID = "torch.nn.modules.activation.Sigmoid"
 # Padded tokens per forward pass. CPUs want batches whose activations stay in cache and get recycled by the allocator
 # (a 16,384-token batch is ~1.5x slower per pair here); GPUs want big batches to fill the device.
 BATCH_TOKENS = {"cpu": 2048, "cuda": 65536}
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16, "int8": "int8"}
 
 
 def default_activation(hf_config: dict) -> str:
@@ -53,112 +51,52 @@ def activation_module(activation) -> torch.nn.Module | None:
     return None if isinstance(fn, torch.nn.Identity) else fn
 
 
-def parse_dtype(dtype):
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype or torch.float32
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be a torch dtype or one of {', '.join(DTYPES)}, got {dtype!r}")
-    return DTYPES[dtype]
-
-
-def check_dtype(dtype, device: torch.device):
-    """Refuse reduced precision where it would be slow rather than fast: bf16 needs native bf16 dot products on a CPU
-    (AVX512-BF16 or AMX), fp16 is for GPUs, int8 dynamic quantization for CPUs."""
-    if device.type == "cpu":
-        if dtype == torch.bfloat16 and not (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
-            raise ValueError("dtype bf16 needs a CPU with AVX512-BF16 or AMX (this one would emulate it, slower than "
-                             "fp32); use fp32 or int8")
-        if dtype == torch.float16:
-            raise ValueError("dtype fp16 is for GPUs (CPUs emulate it, slower than fp32); on a CPU use bf16 or int8")
-    elif dtype == "int8":
-        raise ValueError("dtype int8 (dynamic quantization) runs on the CPU only; on a GPU use fp16 or bf16")
-    return dtype
-
-
-def quantize_int8(model: torch.nn.Module, names: set[str]) -> torch.nn.Module:
-    """Dynamic int8 quantization of the named Linears: int8 weights with one scale per output row, activations
-    quantized at run time with one scale per call (fbgemm's dynamic Linear).
-
-    torch.ao.quantization is deprecated in favour of the separate torchao package, which we do not depend on. Its
-    fbgemm dynamic Linear rescales inside the GEMM; a Linear built on torch._int_mm must rescale its int32 output in
-    separate passes and measured 1.7-5x slower here. So it is used with its deprecation notices silenced, and refused
-    with a clear message once a torch release has removed it."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
-        warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel")
-        try:
-            from torch.ao.quantization import per_channel_dynamic_qconfig, quantize_dynamic
-        except ImportError:
-            raise ValueError(f"dtype int8 needs torch.ao.quantization.quantize_dynamic, which torch {torch.__version__} "
-                             "no longer has; use fp32 or bf16") from None
-        # one weight scale per output row: on TyDi-ru test (bench/agreement.py) same top-1 62% instead of 52% with one
-        # scale per matrix, Spearman 0.88 instead of 0.72, same speed
-        return quantize_dynamic(model, {name: per_channel_dynamic_qconfig for name in names}, dtype=torch.qint8)
-
-
 class CrossEncoder:
     """A MiniLM/BERT cross-encoder with its tokenizer: `predict` scores pairs, `rank` orders passages for a query."""
 
-    def __init__(self, model: CrossEncoderModel, tokenizer: PairTokenizer, hf_config: dict, source_dir: Path | None = None):
+    def __init__(self, model: CrossEncoderModel, tokenizer: PairTokenizer, hf_config: dict, source_dir: Path | None = None,
+                 precision: str = "fp32"):
         self.model = model
         self.tokenizer = tokenizer
         self.hf_config = hf_config
         self.source_dir = source_dir  # tokenizer files are copied from here by save_pretrained
         self.activation = default_activation(hf_config)
-        self.max_batch_tokens = BATCH_TOKENS["cpu"]  # set for the device by `to()`
-        self.dtype = torch.float32  # or bf16 / fp16 / "int8" once `to()` converted the model
+        self.precision = precision  # "fp32", or what minilm.precision converted the model to: "bf16", "fp16", "int8"
+        self.max_batch_tokens = BATCH_TOKENS.get(self.device.type, BATCH_TOKENS["cuda"])
 
     @classmethod
-    def from_pretrained(cls, name_or_path, *, revision=None, device=None, dtype=None, max_length=None) -> "CrossEncoder":
+    def from_pretrained(cls, name_or_path, *, revision=None, device=None, dtype=None, max_length=None,
+                        packed: bool = True) -> "CrossEncoder":
         """Load a local directory, a name under weights/, or a Hugging Face Hub id (see `minilm.checkpoint`).
 
-        device: "cpu", "cuda", ... (default: cuda when available, cpu for int8). dtype: torch.float32 (default, exact), or
-        "bf16" / "fp16" / "int8" for speed. max_length: tokens per pair including specials (default 512)."""
+        device: "cpu", "cuda", ... (default: cuda when available, cpu for int8). dtype: fp32 (default, exact), or
+        "bf16" / "fp16" / "int8" for speed (see minilm.precision; `packed=False` keeps plain Linears for CPU bf16).
+        max_length: tokens per pair including specials (default 512)."""
+        precision = precisions.parse(dtype)
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() and precision != "int8" else "cpu"  # int8 runs on CPUs only
+        device = torch.device(device)
+        precisions.check(precision, device)  # before the slow part
         folder = resolve(str(name_or_path), revision)
         hf_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
         config = Config.from_hf(hf_config)
         with skip_init():
             model = CrossEncoderModel(config)
         load_weights(model, read_state_dict(folder), folder)
+        model = precisions.convert(model.to(device).eval(), precision, packed)
         tokenizer = PairTokenizer.from_dir(folder, max_length, config.max_position_embeddings)
-        ce = cls(model, tokenizer, hf_config, folder)
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() and dtype != "int8" else "cpu"  # int8 runs on CPUs only
-        return ce.to(device, dtype)
+        return cls(model, tokenizer, hf_config, folder, precision)
 
-    def to(self, device, dtype=None, packed: bool = True) -> "CrossEncoder":
-        """Move to `device`, and optionally convert to reduced precision (once: reload to go back to fp32).
-
-        bf16 / fp16 run every layer but the last under autocast, their Linears' weights stored in `dtype`; the residual
-        stream, LayerNorms and embeddings stay fp32, and the last layer, pooler and classifier run in fp32 (see
-        `CrossEncoderModel.fp32_tail`). On a CPU, bf16 Linears are also pre-packed for oneDNN with GELU fused
-        (`minilm.packed`; `packed=False` keeps plain nn.Linear under autocast). int8 is dynamic quantization of the
-        same Linears."""
+    def to(self, device) -> "CrossEncoder":
+        """Move the model to `device`, as nn.Module.to does. A model converted to reduced precision stays where it was
+        converted (its packed or quantized weights are made for that device): load it again with `device=`."""
         device = torch.device(device)
-        dtype = check_dtype(parse_dtype(dtype), device)
-        if self.dtype != torch.float32 and (dtype != self.dtype or device != self.device):
-            raise ValueError(f"this model was converted to {self.dtype}; load it again to move it or change its dtype")
+        if device != self.device and self.precision != "fp32":
+            raise ValueError(f"this model was converted to {self.precision} on {self.device}; load it again with "
+                             f"device={str(device)!r} to use it there")
         self.model.to(device)
-        last = f"bert.encoder.layer.{len(self.model.bert.encoder.layer) - 1}."
-        reduced = {name: m for name, m in self.model.bert.encoder.named_modules(prefix="bert.encoder")
-                   if isinstance(m, torch.nn.Linear) and not name.startswith(last)}  # every layer's Linears but the last
-        if dtype == "int8":
-            self.model = quantize_int8(self.model, set(reduced))
-        elif dtype != torch.float32:
-            for module in reduced.values():
-                module.to(dtype)
-            if packed and device.type == "cpu" and dtype == torch.bfloat16 and minilm_packed.available():
-                minilm_packed.pack_layers(self.model.bert.encoder.layer[:-1])
-        self.dtype = dtype
-        self.model.fp32_tail = self.autocast_dtype is not None
-        self.model.eval()
         self.max_batch_tokens = BATCH_TOKENS.get(device.type, BATCH_TOKENS["cuda"])
         return self
-
-    @property
-    def autocast_dtype(self) -> torch.dtype | None:
-        """bf16 / fp16 scoring runs under torch.autocast in that dtype; fp32 and int8 do not."""
-        return self.dtype if self.dtype in (torch.bfloat16, torch.float16) else None
 
     @property
     def device(self) -> torch.device:
@@ -215,8 +153,7 @@ class CrossEncoder:
         for idx in batches:
             batch = self.tokenizer.pad([encodings[i] for i in idx])
             inputs = {k: torch.from_numpy(v).to(self.device) for k, v in batch.items()}
-            with torch.autocast(self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None):
-                out[idx] = self.model(**inputs).float().cpu()
+            out[idx] = precisions.logits(self.model, inputs, self.precision).cpu()
         return out
 
     def rank(self, query: str, documents, top_k: int | None = None, return_documents: bool = False, batch_size: int = 32,
@@ -234,8 +171,8 @@ class CrossEncoder:
     def save_pretrained(self, path) -> None:
         """Write a folder that minilm, sentence-transformers (5.1 and newer) and transformers all load, file by file
         atomically. The activation goes into config.json["sentence_transformers"], which every ST version reads."""
-        if self.dtype != torch.float32:
-            raise ValueError(f"a model converted to {self.dtype} cannot be saved; save the fp32 model (load it without dtype)")
+        if self.precision != "fp32":
+            raise ValueError(f"a model converted to {self.precision} cannot be saved; save the fp32 model (load it without dtype)")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         source = self.source_dir

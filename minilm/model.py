@@ -16,7 +16,6 @@ The defaults of `Config` are the MiniLM-L6-H384 checkpoints (`cross-encoder/ms-m
 `Config.from_hf` reads any BERT `config.json` of this family (L2, L4, L12, TinyBERT-L2).
 """
 
-import contextlib
 import math
 from dataclasses import dataclass, fields
 
@@ -86,9 +85,8 @@ class SelfAttention(nn.Module):
         self.dropout_p = cfg.attention_probs_dropout_prob
         self.use_sdpa = True  # False: the plain softmax path below, for study; same numbers to ~3e-8
 
-    def forward(self, x, bias, queries=None):
-        """Attend from `queries` (default: every position of x) to every position of x."""
-        queries = x if queries is None else queries
+    def forward(self, x, bias, queries):
+        """Attend from `queries` (x itself, or its [CLS] row) to every position of x."""
         B, T, H = x.shape
         Tq = queries.shape[1]
         hd = H // self.n_head
@@ -127,8 +125,7 @@ class Attention(nn.Module):
         self.self = SelfAttention(cfg)  # named `attention.self.*` in checkpoints
         self.output = DenseDropoutResidualNorm(cfg.hidden_size, cfg)
 
-    def forward(self, x, bias, queries=None):
-        queries = x if queries is None else queries
+    def forward(self, x, bias, queries):
         return self.output(self.self(x, bias, queries), queries)
 
 
@@ -148,17 +145,10 @@ class Layer(nn.Module):
         self.intermediate = Intermediate(cfg)
         self.output = DenseDropoutResidualNorm(cfg.intermediate_size, cfg)
 
-    def forward(self, x, bias, queries=None):
-        x = self.attention(x, bias, queries)
+    def forward(self, x, bias, cls_only=False):
+        """(B, T, H) -> (B, T, H); with cls_only, (B, 1, H): only [CLS] asks the queries, every token still answers."""
+        x = self.attention(x, bias, x[:, :1] if cls_only else x)
         return self.output(self.intermediate(x), x)
-
-
-class Encoder(nn.Module):
-    """The stack of layers (checkpoint names `bert.encoder.layer.N.*`); `CrossEncoderModel.forward` runs it."""
-
-    def __init__(self, cfg: Config):
-        super().__init__()
-        self.layer = nn.ModuleList(Layer(cfg) for _ in range(cfg.num_hidden_layers))
 
 
 class Pooler(nn.Module):
@@ -168,14 +158,6 @@ class Pooler(nn.Module):
 
     def forward(self, x):
         return torch.tanh(self.dense(x[:, 0]))  # the [CLS] token's final state: (B, H)
-
-
-class Bert(nn.Module):
-    def __init__(self, cfg: Config):
-        super().__init__()
-        self.embeddings = Embeddings(cfg)
-        self.encoder = Encoder(cfg)
-        self.pooler = Pooler(cfg)
 
 
 def attention_bias(attention_mask, dtype):
@@ -190,40 +172,51 @@ def attention_bias(attention_mask, dtype):
 
 
 class CrossEncoderModel(nn.Module):
-    """BertForSequenceClassification with one label: (input_ids, attention_mask, token_type_ids) -> logits (B,)."""
+    """BertForSequenceClassification with one label: (input_ids, attention_mask, token_type_ids) -> logits (B,).
+
+    The forward is two steps, so that a caller can run them differently (minilm.precision runs the trunk in bf16 and
+    the head in fp32): `trunk` = embeddings and every layer but the last; `head` = the last layer, pooler, classifier."""
 
     def __init__(self, cfg: Config = Config()):
         super().__init__()
         self.config = cfg
         self.fast_inference = True  # in eval mode, run the last layer for [CLS] only (same logits to ~1e-7)
-        self.fp32_tail = False  # reduced-precision scoring: last layer, pooler and classifier outside autocast, in fp32
-        self.bert = Bert(cfg)
+        # ModuleDicts only to give the parameters their checkpoint names: bert.embeddings.*, bert.encoder.layer.N.*
+        self.bert = nn.ModuleDict(dict(
+            embeddings=Embeddings(cfg),
+            encoder=nn.ModuleDict(dict(layer=nn.ModuleList(Layer(cfg) for _ in range(cfg.num_hidden_layers)))),
+            pooler=Pooler(cfg),
+        ))
         p = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
         self.dropout = nn.Dropout(p)
         self.classifier = nn.Linear(cfg.hidden_size, 1)
 
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.bert.encoder.layer
+
     def forward(self, input_ids, attention_mask=None, token_type_ids=None):
+        return self.head(*self.trunk(input_ids, attention_mask, token_type_ids))  # (B,) raw logits
+
+    def trunk(self, input_ids, attention_mask=None, token_type_ids=None):
+        """Embeddings and layers 1..N-1: hidden states (B, T, H) and the attention bias that goes with them."""
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(input_ids)
-        bert = self.bert
-        x = bert.embeddings(input_ids, token_type_ids)  # (B, T, H)
+        x = self.bert.embeddings(input_ids, token_type_ids)  # (B, T, H)
         bias = attention_bias(attention_mask, x.dtype)
-        cls_only = self.fast_inference and not self.training
-        layers = bert.encoder.layer
-        for layer in layers[:-1]:
+        for layer in self.layers[:-1]:
             x = layer(x, bias)  # (B, T, H)
-        # Under bf16 autocast the last layer is where rounding moves the logit most (running it alone in fp32 cuts the
-        # mean error ~3x on TyDi-ru), and with [CLS]-only it is ~3% of the FLOPs; a bf16 logit would also be rounded
-        # to 1/64 near 4, more than the gap between close passages.
-        with torch.autocast(x.device.type, enabled=False) if self.fp32_tail else contextlib.nullcontext():
-            x = x.float() if self.fp32_tail else x
-            # The pooler reads only [CLS], so the last layer may compute just that row: keys and values still come
-            # from every token, but the query, output projection and FFN shrink from T rows to 1 (~14% of all FLOPs).
-            x = layers[-1](x, bias, x[:, :1] if cls_only else None)  # (B, T, H), or (B, 1, H) if cls_only
-            pooled = bert.pooler(x)  # (B, H)
-            return self.classifier(self.dropout(pooled)).squeeze(-1)  # (B,) raw logits
+        return x, bias
+
+    def head(self, x, bias):
+        """The last layer, the pooler and the classifier: (B, T, H) -> (B,) logits."""
+        # The pooler reads only [CLS], so when scoring the last layer may compute just that row: keys and values still
+        # come from every token, but the query, output projection and FFN shrink from T rows to 1 (~14% of all FLOPs).
+        x = self.layers[-1](x, bias, cls_only=self.fast_inference and not self.training)  # (B, T or 1, H)
+        pooled = self.bert.pooler(x)  # (B, H)
+        return self.classifier(self.dropout(pooled)).squeeze(-1)  # (B,) raw logits
 
     def set_sdpa(self, enabled: bool):
         """Switch every layer between F.scaled_dot_product_attention (default) and the plain softmax path."""
-        for layer in self.bert.encoder.layer:
+        for layer in self.layers:
             layer.attention.self.use_sdpa = enabled
