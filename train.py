@@ -400,7 +400,8 @@ def log_interval(step, epoch, lr, grad_norm):
     tr_loss.zero_()
     dt, t_log = time.time() - t_log, time.time()
     entry = {"step": step, "epoch": epoch, "loss": loss_sum / interval["steps"], "lr": float(lr),
-             "grad_norm": grad_norm.item(), "tokens_per_s": tokens / dt, "padding": 1 - interval["tokens"] / interval["padded"]}
+             "grad_norm": grad_norm.item(), "tokens_per_s": tokens / dt, "seconds": dt,
+             "padding": 1 - interval["tokens"] / interval["padded"]}
     if scaler.is_enabled():
         entry["scale"] = scaler.get_scale()
     state["loss_total"] += loss_sum

@@ -1,12 +1,16 @@
-"""Training speed: minilm's train.py vs the sentence-transformers 5.1.0 CrossEncoderTrainer, same data and settings.
+"""Training speed: train.py's fast loop, its exact loop and the sentence-transformers 5.1.0 CrossEncoderTrainer, side by
+side on the same data, settings and machine.
 
-    python bench/train.py                         # stand-in checkpoint, 20 steps of batch 16, CPU fp32
-    python bench/train.py --steps 200 --device cuda --precision fp16 --model DIR
+    python bench/train.py                                   # CPU: stand-in, 16 steps of batch 16, 4 warm-up steps
+    python bench/train.py --device cuda --steps 2000 --log-every 500 --model DIR     # GPU, fp16 (bench/gpu.sh)
 
-Both runs start from the same checkpoint, see the same labelled pairs (TyDi-ru train rows cut to the model card's
-length statistics, as in bench/predict.py) and use the card's recipe (BCE, batch 16, lr 5e-5, linear decay, AdamW
-`adamw_torch`, max grad norm 1.0, seed 42). Steps/s are each loop's own count (setup and saving excluded);
-the per-step losses of the two runs are compared too (on CPU in fp32 they are identical).
+Every run starts from the same checkpoint and sees the same labelled pairs (TyDi-ru train rows cut to the model card's
+length profile, as in bench/predict.py) with the card's recipe (BCE, batch 16, lr 5e-5, linear decay, AdamW, max grad
+norm 1.0, seed 42). Speed is taken after the first --log-every steps (warm-up: allocator, oneDNN kernel choice, CUDA
+context): train.py's log.jsonl gives tokens/s per interval, the trainer is timed by a callback from the same step on.
+Each system's own precision default is used unless --precision says otherwise (fast loop: bf16 on CPUs with native
+bf16, fp16 on CUDA; exact loop and trainer: fp32 on CPUs, fp16 on CUDA). Printed: steps/s, real tokens/s, the ratio to
+the exact loop and to the trainer, the projected time of the card's 23,310 steps, and the mean loss per interval.
 """
 
 import argparse
@@ -22,6 +26,8 @@ sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "bench")]
 
 from predict import DATA, bench_pairs  # noqa: E402
 
+CARD_STEPS = 23310  # 30 epochs of 12,431 pairs in batches of 16
+
 
 def labelled_pairs(n: int) -> list[dict]:
     labels = {}
@@ -31,54 +37,85 @@ def labelled_pairs(n: int) -> list[dict]:
     return [{"query": q, "passage": p, "label": float(labels[q, p[:40]])} for q, p in bench_pairs(n)]
 
 
-def run_minilm(model, train_file, steps, precision, device, out) -> dict:
+def run_minilm(model, train_file, args, exact: bool, out: Path) -> dict:
     cmd = [sys.executable, str(REPO / "train.py"), "--model", model, "--train", str(train_file), "--output", str(out),
-           "--max-steps", str(steps), "--log-every", "1", "--precision", precision, "--device", device]
+           "--max-steps", str(args.steps), "--log-every", str(args.log_every), "--device", args.device,
+           "--exact", str(exact).lower(), "--max-length", str(args.max_length)]
+    if args.precision:
+        cmd += ["--precision", args.precision]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    records = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
-    return {"steps_per_s": next(r["train_steps_per_second"] for r in records if "train_steps_per_second" in r),
-            "losses": [r["loss"] for r in records if "loss" in r]}
+    intervals = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    intervals = [r for r in intervals if "loss" in r]
+    timed = intervals[1:]  # after warm-up
+    seconds = sum(r["seconds"] for r in timed)
+    return {"steps_per_s": (intervals[-1]["step"] - intervals[0]["step"]) / seconds,
+            "tokens_per_s": sum(r["tokens_per_s"] * r["seconds"] for r in timed) / seconds,
+            "losses": [r["loss"] for r in intervals]}
 
 
-def run_st(model, rows, steps, precision, device, out) -> dict:
+def real_tokens(model, rows, first: int, last: int) -> int:
+    """Real tokens in steps first+1..last of every loop here: batches of 16 in randperm(N, seed 42 + epoch) order."""
+    import torch
+
+    from minilm import CrossEncoder
+
+    tokenizer = CrossEncoder.from_pretrained(model, device="cpu").tokenizer
+    lengths = [len(e.ids) for e in tokenizer.encode([(r["query"], r["passage"]) for r in rows])]
+    per_epoch = -(-len(rows) // 16)
+    total = 0
+    for step in range(first, last):
+        epoch, b = divmod(step, per_epoch)
+        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(42 + epoch)).tolist()
+        total += sum(lengths[i] for i in order[b * 16 : (b + 1) * 16])
+    return total
+
+
+def run_st(model, rows, args, out: Path) -> dict:
+    import torch
     from datasets import Dataset
     from sentence_transformers.cross_encoder import CrossEncoder, CrossEncoderTrainer, CrossEncoderTrainingArguments
     from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
     from transformers import TrainerCallback
 
-    losses, times = [], []
+    losses, marks = [], {}
 
     class Record(TrainerCallback):
-        def on_step_begin(self, args, state, control, **kw):
-            if not times:
-                times.append(time.perf_counter())
+        def on_step_end(self, args_, state, control, **kw):
+            if state.global_step in (args.log_every, args.steps):
+                if args.device.startswith("cuda"):
+                    torch.cuda.synchronize()
+                marks[state.global_step] = time.perf_counter()
 
-        def on_log(self, args, state, control, logs=None, **kw):
+        def on_log(self, args_, state, control, logs=None, **kw):
             if logs and "loss" in logs:
                 losses.append(logs["loss"])
 
-        def on_train_end(self, args, state, control, **kw):
-            times.append(time.perf_counter())
-
-    ce = CrossEncoder(model, device=device)
+    ce = CrossEncoder(model, device=args.device, max_length=args.max_length)
     data = Dataset.from_dict({"sentence_0": [r["query"] for r in rows], "sentence_1": [r["passage"] for r in rows],
                               "label": [r["label"] for r in rows]})
-    args = CrossEncoderTrainingArguments(
-        output_dir=str(out), per_device_train_batch_size=16, learning_rate=5e-5, max_steps=steps, seed=42,
-        fp16=precision == "fp16", bf16=precision == "bf16", optim="adamw_torch", logging_steps=1, save_strategy="no",
-        report_to="none", use_cpu=device == "cpu", disable_tqdm=True)
-    trainer = CrossEncoderTrainer(model=ce, args=args, train_dataset=data, loss=BinaryCrossEntropyLoss(ce), callbacks=[Record()])
+    precision = args.precision or ("fp16" if args.device.startswith("cuda") else "fp32")
+    targs = CrossEncoderTrainingArguments(
+        output_dir=str(out), per_device_train_batch_size=16, learning_rate=5e-5, max_steps=args.steps, seed=42,
+        fp16=precision == "fp16", bf16=precision == "bf16", optim="adamw_torch", logging_steps=args.log_every,
+        save_strategy="no", report_to="none", use_cpu=args.device == "cpu", disable_tqdm=True)
+    trainer = CrossEncoderTrainer(model=ce, args=targs, train_dataset=data, loss=BinaryCrossEntropyLoss(ce), callbacks=[Record()])
     trainer.train()
-    return {"steps_per_s": steps / (times[-1] - times[0]), "losses": losses}
+    seconds = marks[args.steps] - marks[args.log_every]
+    tokens = real_tokens(model, rows, args.log_every, args.steps)
+    return {"steps_per_s": (args.steps - args.log_every) / seconds, "tokens_per_s": tokens / seconds, "losses": losses}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="checkpoint directory (default: build the stand-in in a temp dir)")
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--pairs", type=int, default=512)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--log-every", type=int, default=4, help="interval of the loss means; the first one is warm-up")
+    ap.add_argument("--pairs", type=int, default=2048)
+    ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "bf16"])
+    ap.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="default: each system's own")
+    ap.add_argument("--only", default="fast,exact,trainer", help="comma-separated subset of fast, exact, trainer")
+    ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
     model = args.model
@@ -90,21 +127,27 @@ def main():
     train_file = tmp / "train.jsonl"
     train_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
-    results = {"minilm train.py": run_minilm(model, train_file, args.steps, args.precision, args.device, tmp / "minilm")}
-    try:
-        results["sentence-transformers trainer"] = run_st(model, rows, args.steps, args.precision, args.device, tmp / "st")
-    except ImportError as e:
-        print(f"sentence-transformers trainer skipped ({e})")
-    base = results.get("sentence-transformers trainer", {}).get("steps_per_s")
-    print(f"\n{args.steps} steps, batch 16, {args.precision} on {args.device}\n")
-    print("| system | steps/s | vs sentence-transformers |")
-    print("|---|---|---|")
+    systems = {"fast": lambda: run_minilm(model, train_file, args, False, tmp / "fast"),
+               "exact": lambda: run_minilm(model, train_file, args, True, tmp / "exact"),
+               "trainer": lambda: run_st(model, rows, args, tmp / "st")}
+    results = {}
+    for name in args.only.split(","):
+        try:
+            results[name] = systems[name]()
+        except ImportError as e:
+            print(f"{name} skipped ({e})")
+    print(f"\n{args.steps} steps of batch 16 ({args.log_every} warm-up), {args.device}, card-like pairs, max_length {args.max_length}\n")
+    print("| loop | steps/s | real tokens/s | vs exact | vs trainer | card's 23,310 steps |")
+    print("|---|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['steps_per_s']:.3f} | {r['steps_per_s'] / base:.2f} |" if base else f"| {name} | {r['steps_per_s']:.3f} | - |")
-    if base:
-        ours, ref = results["minilm train.py"]["losses"], results["sentence-transformers trainer"]["losses"]
-        diffs = [abs(a - b) for a, b in zip(ours, ref)]  # ST logs losses rounded to 4 decimals
-        print(f"\nper-step losses: max |diff| {max(diffs):.1e} over {len(diffs)} steps (the trainer logs 4 decimals)")
+        ratios = [f"{r['tokens_per_s'] / results[b]['tokens_per_s']:.2f}x" if b in results else "-" for b in ("exact", "trainer")]
+        hours = CARD_STEPS / r["steps_per_s"] / 3600
+        print(f"| {name} | {r['steps_per_s']:.3f} | {r['tokens_per_s']:,.0f} | {ratios[0]} | {ratios[1]} | {hours:.1f} h |")
+    print("\nmean loss per interval of", args.log_every, "steps:")
+    for name, r in results.items():
+        print(f"  {name:8s}", " ".join(f"{x:.4f}" for x in r["losses"]))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results}, indent=2))
 
 
 if __name__ == "__main__":

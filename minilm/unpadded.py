@@ -7,7 +7,7 @@ scoring; model.py stays the plain padded model that the exact loop and scoring u
     LayerNorm and GELU skips the padding (about a third of a padded batch with the card's length profile).
   * Attention per sequence on the CPU. SDPA with dropout falls back there to a materialised (B, 12, T, T) softmax and a
     float mask of the same size; here each pair's (12, L, L) scores stay in cache and the dropout mask is a bool drawn
-    4x cheaper (`keep_mask`). On CUDA, SDPA's memory-efficient kernel takes the padding mask and dropout itself, so
+    4x cheaper (`drop_mask`). On CUDA, SDPA's memory-efficient kernel takes the padding mask and dropout itself, so
     the pairs are padded for attention only.
   * The last layer for [CLS] only, as when scoring: the pooler reads nothing else, so the loss and every gradient are
     the ones of the full layer.
@@ -52,29 +52,29 @@ def pack(encodings, device) -> Packed:
 
 
 # ------------------------------------------------------------------------------------------------------- dropout
-def keep_mask(shape, p: float, device) -> tuple[torch.Tensor, float]:
-    """(bool mask, True = keep; the scale 1 / P(keep)). One 64-bit draw gives four 16-bit numbers; an element is kept
-    iff its number is at or above round(p * 2^16) of the 2^16 values: P(keep) = 1 - round(p * 2^16) / 2^16."""
+def drop_mask(shape, p: float, device) -> tuple[torch.Tensor, float]:
+    """(bool mask, True = drop; the scale 1 / P(keep) for what is kept). One 64-bit draw gives four 16-bit numbers; an
+    element is dropped iff its number is among the lowest round(p * 2^16) of the 2^16 values."""
     drop = round(p * 65536)
     n = int(np.prod(shape))
     bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)  # every bit random
-    return (bits.view(torch.int16)[:n] >= drop - 32768).view(shape), 65536 / (65536 - drop)
+    return (bits.view(torch.int16)[:n] < drop - 32768).view(shape), 65536 / (65536 - drop)
 
 
 class CheapDropout(torch.autograd.Function):
-    """Dropout with `keep_mask`; autograd keeps the 1-byte mask, not a float one."""
+    """Dropout with `drop_mask`; autograd keeps the 1-byte mask, not a float one."""
 
     @staticmethod
     def forward(ctx, x, p):
-        keep, scale = keep_mask(x.shape, p, x.device)
-        ctx.save_for_backward(keep)
+        dropped, scale = drop_mask(x.shape, p, x.device)
+        ctx.save_for_backward(dropped)
         ctx.scale = scale
-        return x.masked_fill(~keep, 0).mul_(scale)
+        return x.masked_fill(dropped, 0).mul_(scale)
 
     @staticmethod
     def backward(ctx, grad):
-        (keep,) = ctx.saved_tensors
-        return grad.masked_fill(~keep, 0).mul_(ctx.scale), None
+        (dropped,) = ctx.saved_tensors
+        return grad.masked_fill(dropped, 0).mul_(ctx.scale), None
 
 
 def dropout(x, p: float, training: bool):
@@ -90,15 +90,15 @@ def attention_per_sequence(q, k, v, batch: Packed, n_head: int, p: float, cls_on
     hd = H // n_head
     q = q * hd**-0.5  # scale the (N, H) queries rather than the (nh, L, L) scores
     out = []
-    for i, (start, n) in enumerate(zip(batch.starts, batch.lengths)):
-        qi = q[i : i + 1] if cls_only else q[start : start + n]
+    # split, not slices: its backward is one concatenation, where each slice's would be a zero-filled (N, H) tensor
+    for qi, ki, vi in zip(q.split(1 if cls_only else batch.lengths), k.split(batch.lengths), v.split(batch.lengths)):
         qi = qi.view(-1, n_head, hd).transpose(0, 1)  # (nh, Lq, hd)
-        ki = k[start : start + n].view(n, n_head, hd).transpose(0, 1)  # (nh, L, hd)
-        vi = v[start : start + n].view(n, n_head, hd).transpose(0, 1)  # (nh, L, hd)
+        ki = ki.view(-1, n_head, hd).transpose(0, 1)  # (nh, L, hd)
+        vi = vi.view(-1, n_head, hd).transpose(0, 1)  # (nh, L, hd)
         att = (qi @ ki.transpose(1, 2)).softmax(-1)  # (nh, Lq, L)
         if p > 0:
-            keep, scale = keep_mask(att.shape, p, att.device)
-            y = (att.masked_fill(~keep, 0) @ vi) * scale  # the scale on the small (nh, Lq, hd) result
+            dropped, scale = drop_mask(att.shape, p, att.device)
+            y = (att.masked_fill(dropped, 0) @ vi) * scale  # the scale on the small (nh, Lq, hd) result
         else:
             y = att @ vi  # (nh, Lq, hd)
         out.append(y.transpose(0, 1).reshape(-1, H))  # (Lq, H)

@@ -1,0 +1,126 @@
+"""train.py's fast loop (the default, minilm/unpadded.py) against the exact loop: the same model trained, the same
+recipe, deterministic and resumable; and what every run does at its end (the last partial log interval, divergence)."""
+
+import json
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from minilm import CrossEncoder
+from minilm.unpadded import Unpadded, drop_mask, pack
+from test_train import GOLDEN, PAIRS, REPO, TRAIN, read_log, train
+
+
+def short(model, output, *extra):
+    return ["--model", model, "--train", PAIRS, "--output", output, "--batch-size", 8, "--max-length", 80,
+            "--device", "cpu", "--log-every", 1, *extra]
+
+
+@pytest.fixture(scope="module")
+def no_dropout(standin_dir, tmp_path_factory):
+    """The stand-in with every dropout probability set to 0: then both loops compute the same function."""
+    folder = tmp_path_factory.mktemp("no_dropout")
+    for f in standin_dir.iterdir():
+        if f.name != "config.json":
+            (folder / f.name).symlink_to(f)
+    config = json.loads((standin_dir / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def losses(folder):
+    return np.array([r["loss"] for r in read_log(folder) if "loss" in r])
+
+
+def test_without_dropout_the_fast_loop_takes_the_exact_loops_steps(no_dropout, tmp_path):
+    """Same batches, loss, optimizer and schedule: per-step losses within 1e-4 (relative) in fp32, and within 3e-2 with
+    the fast loop's own precision (bf16 on a CPU with native bf16), over 10 steps (2 epochs of 44 pairs)."""
+    runs = {"exact": ["--exact", "true"], "fast fp32": ["--precision", "fp32"], "fast default": []}
+    for name, extra in runs.items():
+        train(*short(no_dropout, tmp_path / name, "--max-steps", 10, *extra))
+    exact, fast, default = (losses(tmp_path / name) for name in runs)
+    assert len(exact) == 10 and exact[0] > 0.1
+    np.testing.assert_allclose(fast, exact, rtol=1e-4)
+    np.testing.assert_allclose(default, exact, rtol=3e-2)
+    weights = [load_file(tmp_path / name / "model.safetensors") for name in ("exact", "fast fp32")]
+    update = [torch.cat([(w[k] - s).flatten() for k, s in load_file(no_dropout / "model.safetensors").items()]) for w in weights]
+    assert F.cosine_similarity(*update, dim=0) > 0.999  # the same training, not only the same losses
+
+
+def test_fast_loop_resumes_to_the_uninterrupted_weights(standin_dir, tmp_path):
+    """Dropout on: kill after checkpoint 4 (mid-epoch, simulated by copying it), resume, same bytes as without a stop."""
+    full = tmp_path / "full"
+    train(*short(standin_dir, full, "--max-steps", 9, "--save-every", 4, "--keep-checkpoints", 3))
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-4", resumed / "checkpoint-4")
+    train(*short(standin_dir, resumed, "--max-steps", 9, "--save-every", 4, "--resume", "latest"))
+    assert (resumed / "model.safetensors").read_bytes() == (full / "model.safetensors").read_bytes()
+    assert list(losses(resumed)) == list(losses(full))
+
+
+def test_fast_forward_and_gradients_match_the_padded_model(no_dropout):
+    """Unpadded, both attention paths (per pair, as on CPUs; padded SDPA, as on CUDA) against the plain model."""
+    ce = CrossEncoder.from_pretrained(no_dropout, device="cpu", max_length=80)
+    rows = [json.loads(line) for line in PAIRS.read_text(encoding="utf-8").splitlines()][:8]
+    encodings = ce.tokenizer.encode([(r["query"], r["passage"]) for r in rows])
+    labels = torch.tensor([float(r["label"]) for r in rows])
+    assert len({len(e.ids) for e in encodings}) > 1, "the batch should need padding"
+    model = ce.model.train()
+
+    def logits_and_grads(logits):
+        model.zero_grad(set_to_none=True)
+        F.binary_cross_entropy_with_logits(logits, labels).backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+    ref, ref_grads = logits_and_grads(model(**{k: torch.from_numpy(v) for k, v in ce.tokenizer.pad(encodings).items()}))
+    fast = Unpadded(model).train()
+    scale = max(g.norm() for g in ref_grads.values())
+    for per_sequence in (True, False):
+        fast.per_sequence = per_sequence
+        out, grads = logits_and_grads(fast(pack(encodings, torch.device("cpu"))))
+        assert (out - ref).abs().max() <= 1e-6, per_sequence
+        for name, g in grads.items():  # key biases have a true gradient of 0 (softmax ignores a constant): noise only
+            assert (g - ref_grads[name]).norm() <= 1e-5 * max(ref_grads[name].norm(), 1e-3 * scale), (per_sequence, name)
+
+
+def test_cheap_dropout_masks_keep_the_rate_and_the_expectation():
+    torch.manual_seed(0)
+    n = 1 << 22
+    dropped, scale = drop_mask((n,), 0.1, "cpu")
+    p = 6554 / 65536  # round(0.1 * 2^16) / 2^16 = 0.100006
+    assert abs(dropped.float().mean().item() - p) < 5 * (p * (1 - p) / n) ** 0.5
+    assert scale * (1 - p) == pytest.approx(1.0, abs=1e-15)
+    a, _ = drop_mask((n,), 0.1, "cpu")
+    assert (a != dropped).any(), "every draw is a new mask"
+
+
+def test_a_run_shorter_than_log_every_logs_its_steps(standin_dir, tmp_path):
+    train(*short(standin_dir, tmp_path, "--max-steps", 3, "--log-every", 500))
+    logged = [r for r in read_log(tmp_path) if "loss" in r]
+    assert [r["step"] for r in logged] == [3]
+    summary = next(r for r in read_log(tmp_path) if "train_loss" in r)
+    assert summary["train_loss"] == pytest.approx(logged[0]["loss"])
+    assert "<polyline" in (tmp_path / "loss.svg").read_text() and "| 3 |" in (tmp_path / "README.md").read_text()
+    card = (tmp_path / "README.md").read_text()
+    assert "| max_steps | `3` |" in card and "| epochs | `1` |" in card  # what ran, not the unused --epochs 30
+
+
+def test_a_diverging_run_stops_with_status_1_and_keeps_the_last_good_checkpoint(standin_dir, tmp_path):
+    cmd = [sys.executable, str(TRAIN), *map(str, short(standin_dir, tmp_path, "--max-steps", 6, "--lr", 1e20,
+                                                      "--save-every", 1, "--exact", "true", "--precision", "fp32"))]
+    result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO, timeout=600,
+                            env={"OMP_NUM_THREADS": str(GOLDEN["cpu"]["threads"]), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 1, result.stderr
+    assert "the loss was not finite at step" in result.stderr and "Traceback" not in result.stderr
+    bad = int(result.stderr.split("at step ")[1].split()[0])
+    kept = sorted(int(p.name.split("-")[1]) for p in tmp_path.glob("checkpoint-*"))
+    assert kept and max(kept) < bad and not (tmp_path / "model.safetensors").exists()
+    assert all(np.isfinite(r["loss"]) for r in read_log(tmp_path) if "loss" in r)
