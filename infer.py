@@ -283,7 +283,7 @@ class RowWriter:
     def write(self, row: dict, score: float) -> None:
         if self.fmt == "jsonl":
             row["score"] = score
-            self.out.write(json.dumps(row, ensure_ascii=False) + "\n")
+            self.out.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")  # valid JSON, always
             return
         if self.header is None:
             self.header = list(row) + ([] if "score" in row else ["score"])

@@ -518,7 +518,7 @@ def model_card() -> str:
 if master:
     ce.save_pretrained(out)
     losses = [r for r in state["history"] if "loss" in r]
-    svg = line_chart_svg([r["step"] for r in losses], [r["loss"] for r in losses],
+    svg = line_chart_svg({"loss": ([r["step"] for r in losses], [r["loss"] for r in losses])},
                          f"training loss on {Path(cfg.train).name} (mean of every {cfg.log_every} steps)", "step", "BCE loss")
     write_text(out / "loss.svg", svg)
     write_text(out / "README.md", model_card())

@@ -32,7 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # sentence-transformers would otherwise ask the Hub about a local folder
-DATA = REPO.parent / "shared" / "data" / "tydiqa_ru" / "train.jsonl"
+DATA = Path(os.environ.get("MINILM_TYDI", REPO.parent / "shared" / "data" / "tydiqa_ru")) / "train.jsonl"  # gpu.sh: a copy
 
 
 def bench_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
@@ -63,6 +63,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--only", help="comma-separated subset of systems")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    ap.add_argument("--svg", help="also draw the pairs/s as a bar chart into this file (docs/performance.md's picture)")
     args = ap.parse_args()
     gpu = args.device.startswith("cuda")
 
@@ -134,6 +135,28 @@ def main():
     if gpu:
         print(f"\npeak GPU memory allocated: {torch.cuda.max_memory_allocated(args.device) / 2**20:.0f} MiB")
     print(f"peak RSS of this process: {peak_rss_mib():.0f} MiB")
+    if args.svg:
+        device = torch.cuda.get_device_name(args.device) if gpu else f"CPU, {torch.get_num_threads()} threads"
+        Path(args.svg).write_text(bar_chart_svg({name: len(pairs) / seconds for name, seconds in best.items()},
+                                                f"pairs/s, {len(pairs)} card-like pairs, batch {args.batch_size}, {device}"))
+
+
+def bar_chart_svg(values: dict, title: str, width: int = 640) -> str:
+    """Horizontal bars, one per system, longest first, each labelled with its value."""
+    rows = sorted(values.items(), key=lambda kv: -kv[1])
+    left, bar, gap, top = 200, 22, 8, 36
+    height = top + len(rows) * (bar + gap) + 12
+    scale = (width - left - 70) / max(values.values())
+    parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif" font-size="12">',
+             f'<rect width="{width}" height="{height}" fill="white"/>',
+             f'<text x="{width / 2}" y="20" text-anchor="middle" font-size="13">{title}</text>']
+    for i, (name, value) in enumerate(rows):
+        y = top + i * (bar + gap)
+        color = "#1f77b4" if name.startswith("minilm") else "#999"
+        parts += [f'<text x="{left - 8}" y="{y + 15}" text-anchor="end">{name}</text>',
+                  f'<rect x="{left}" y="{y}" width="{value * scale:.1f}" height="{bar}" fill="{color}"/>',
+                  f'<text x="{left + value * scale + 6:.1f}" y="{y + 15}">{value:.1f}</text>']
+    return "\n".join(parts + ["</svg>"]) + "\n"
 
 
 def hf_sorted(model_dir, ours, batch_size):

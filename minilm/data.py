@@ -86,9 +86,11 @@ def read_rows(path: str, fmt: str):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line)
+                row = json.loads(line, parse_constant=not_json, parse_float=finite_float)
             except json.JSONDecodeError as e:
                 raise DataError(f"{name}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
+            except ValueError as e:
+                raise DataError(f"{name}:{n}: {e}") from None
             if not isinstance(row, dict):
                 raise DataError(f"{name}:{n}: expected a JSON object, got {type(row).__name__}")
             yield n, row
@@ -109,6 +111,17 @@ def read_rows(path: str, fmt: str):
         if len(values) != len(header):
             raise DataError(f"{name}:{n}: expected {len(header)} fields ({', '.join(header)}), got {len(values)}")
         yield n, dict(zip(header, values))
+
+
+def not_json(constant: str):
+    raise ValueError(f"{constant} is not JSON (Python writes it for a non-finite float; JSON has no such number)")
+
+
+def finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400: valid JSON, but no 64-bit float holds it, and writing it back would be invalid
+        raise ValueError(f"the number {text} does not fit a 64-bit float")
+    return value
 
 
 def csv_records(reader, numbers, name):

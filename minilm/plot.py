@@ -9,9 +9,16 @@ def label(x, y, text, anchor="middle", size=12, rotate=False) -> str:
             f'fill="#333"{turn}>{escape(str(text))}</text>')
 
 
-def line_chart_svg(xs, ys, title: str = "", xlabel: str = "", ylabel: str = "", width: int = 640, height: int = 360) -> str:
-    """Polyline of (xs, ys) with min/max tick labels on both axes. Needs at least one point."""
+COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e")
+
+
+def line_chart_svg(series: dict, title: str = "", xlabel: str = "", ylabel: str = "", width: int = 640,
+                   height: int = 360) -> str:
+    """One polyline per entry of `series` ({name: (xs, ys)}, a legend when there are several), with min/max tick labels
+    on both axes. Needs at least one point."""
     left, right, top, bottom = 64, 16, 32, 44  # margins for the labels
+    xs = [x for x_list, _ in series.values() for x in x_list]
+    ys = [y for _, y_list in series.values() for y in y_list]
     x0, x1 = min(xs), max(xs)
     y0, y1 = min(ys), max(ys)
     x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)  # a single point still gets a scale
@@ -22,14 +29,21 @@ def line_chart_svg(xs, ys, title: str = "", xlabel: str = "", ylabel: str = "", 
     def py(y):
         return height - bottom - (y - y0) / (y1 - y0) * (height - top - bottom)
 
-    points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xs, ys))
+    lines = []
+    for i, (name, (x_list, y_list)) in enumerate(series.items()):
+        color = COLORS[i % len(COLORS)]
+        points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(x_list, y_list))
+        lines.append(f'<polyline points="{points}" fill="none" stroke="{color}" stroke-width="1.5"/>')
+        lines += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2" fill="{color}"/>'
+                  for x, y in zip(x_list, y_list) if len(x_list) <= 60]
+        if len(series) > 1:
+            lines.append(label(width - right - 8, top + 16 * (i + 1), name, anchor="end").replace('fill="#333"', f'fill="{color}"'))
     middle = (top + height - bottom) / 2
     return "\n".join([
         f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" viewBox="0 0 {width} {height}">',
         f'<rect width="{width}" height="{height}" fill="white"/>',
         f'<path d="M{left},{top} V{height - bottom} H{width - right}" fill="none" stroke="#888"/>',
-        f'<polyline points="{points}" fill="none" stroke="#1f77b4" stroke-width="1.5"/>',
-        *(f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2" fill="#1f77b4"/>' for x, y in zip(xs, ys) if len(xs) <= 60),
+        *lines,
         label(width / 2, 20, title, size=14),
         label(left - 6, py(y1) + 4, f"{y1:.4g}", anchor="end"),
         label(left - 6, py(y0) + 4, f"{y0:.4g}", anchor="end"),

@@ -410,6 +410,9 @@ BAD_INPUTS = {
                       "not UTF-8"),
     "lone-surrogate": ("in.jsonl", '{"query": "q", "passage": "p"}\n{"query": "\\ud800", "passage": "p"}\n', ":2",
                        "field 'query': not valid Unicode text"),
+    "nan-literal": ("in.jsonl", '{"query": "q", "passage": "p", "x": NaN}\n', ":1", "NaN is not JSON"),
+    "huge-number": ("in.jsonl", '{"query": "q", "passage": "p"}\n{"query": "q", "passage": "p", "x": 1e400}\n', ":2",
+                    "the number 1e400 does not fit a 64-bit float"),
     "csv-stray-quote": ("in.csv", 'query,passage\nq,"p\nq,p\n', ":2", "malformed CSV"),
     "header-without-columns": ("in.csv", "question,text\nq,p\n", ":2", "the row has 'question', 'text'"),
 }

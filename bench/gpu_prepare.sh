@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Run HERE (not on the GPU machine) before bench/gpu.sh: fills the git-ignored folder .gpu/ that the device call
+# carries, since the GPU machine reaches no network and ../shared does not travel (64 MiB at most):
+#   .gpu/standin/   the stand-in checkpoint with fp16 weights (45 MB; minilm upcasts them to fp32 on load)
+#   .gpu/tydi/      the first 6,000 TyDi-ru train rows (bench pairs, the CUDA tests)
+#   .gpu/whl/       wheels the GPU image lacks: datasets (sentence-transformers' trainer needs it), dill, multiprocess
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rm -rf .gpu && mkdir -p .gpu/tydi .gpu/whl
+python - <<'PY'
+import sys
+sys.path.insert(0, "tests")
+from safetensors.torch import load_file, save_file
+from standin import build_standin
+folder = build_standin(".gpu/standin")
+state = {k: v.half() for k, v in load_file(folder / "model.safetensors").items()}
+save_file(state, folder / "model.safetensors", metadata={"format": "pt"})
+PY
+head -n 6000 ../shared/data/tydiqa_ru/train.jsonl > .gpu/tydi/train.jsonl
+python -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+    -d .gpu/whl "datasets==4.4.1" "dill==0.4.0" "multiprocess==0.70.18"
+du -sh .gpu

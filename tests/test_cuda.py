@@ -1,0 +1,67 @@
+"""The GPU paths, run where CUDA is present (bench/gpu.sh) and skipped elsewhere: scoring on CUDA in fp32 against the
+CPU (and the golden outputs of sentence-transformers when the checkpoint is the stand-in itself), fp16/bf16 ranking
+like fp32, a long file streamed through infer.py, and a short fp16 train.py run that finishes, logs and saves."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from minilm import CrossEncoder
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.environ.get("MINILM_TYDI", os.path.join(REPO, "..", "shared", "data", "tydiqa_ru"))
+
+
+def test_fp32_on_cuda_matches_the_cpu(standin_dir, golden, golden_pairs):
+    cpu = CrossEncoder.from_pretrained(standin_dir, device="cpu").predict(golden_pairs)
+    cuda = CrossEncoder.from_pretrained(standin_dir, device="cuda").predict(golden_pairs)
+    assert np.abs(cuda - cpu).max() <= 1e-4
+    if "MINILM_STANDIN" not in os.environ:  # the stand-in itself: the golden logits apply
+        assert np.abs(cuda - np.asarray(golden["logits"]["512"]["32"])).max() <= 1e-4
+
+
+@pytest.mark.parametrize("dtype", ["fp16", "bf16"])
+def test_reduced_precision_ranks_like_fp32(standin_dir, golden, dtype):
+    fp32 = CrossEncoder.from_pretrained(standin_dir, device="cuda")
+    fast = CrossEncoder.from_pretrained(standin_dir, device="cuda", dtype=dtype)
+    for case in golden["rank"]:
+        ref = [r["corpus_id"] for r in fp32.rank(case["query"], case["documents"])]
+        got = [r["corpus_id"] for r in fast.rank(case["query"], case["documents"])]
+        scores = fp32.predict([(case["query"], d) for d in case["documents"]])
+        # the same order, except between documents whose fp32 scores are closer than the dtype's rounding
+        swapped = [(a, b) for a, b in zip(ref, got) if a != b]
+        assert all(abs(scores[a] - scores[b]) < 2e-2 for a, b in swapped), (dtype, case["name"], swapped)
+
+
+def test_a_long_file_streams_on_cuda(standin_dir, tmp_path):
+    rows = [json.loads(line) for line in open(os.path.join(DATA, "train.jsonl"), encoding="utf-8")][:3000]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"query": r["query"], "passage": r["passage"]}, ensure_ascii=False) + "\n"
+                           for r in rows), encoding="utf-8")
+    for device in ("cuda", "cpu"):
+        done = subprocess.run([sys.executable, "infer.py", "--model", str(standin_dir), "--device", device, "--input",
+                               str(src), "--output", str(tmp_path / f"{device}.jsonl"), "--max-length", "128", "--quiet"],
+                              cwd=REPO, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr
+    scores = {d: [json.loads(line)["score"] for line in open(tmp_path / f"{d}.jsonl")] for d in ("cuda", "cpu")}
+    assert len(scores["cuda"]) == 3000 and np.abs(np.subtract(scores["cuda"], scores["cpu"])).max() <= 1e-4
+
+
+def test_fp16_training_on_cuda_finishes_logs_and_saves(standin_dir, tmp_path):
+    done = subprocess.run([sys.executable, "train.py", "--model", str(standin_dir), "--train",
+                           os.path.join(DATA, "train.jsonl"), "--output", str(tmp_path), "--max-steps", "300",
+                           "--log-every", "100", "--max-length", "256", "--save-every", "150"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    log = [json.loads(line) for line in open(tmp_path / "log.jsonl")]
+    steps = [r for r in log if "loss" in r]
+    assert [r["step"] for r in steps] == [100, 200, 300] and all(np.isfinite(r["loss"]) for r in steps)
+    assert all("scale" in r for r in steps)  # fp16 with its GradScaler, the default on CUDA
+    assert (tmp_path / "model.safetensors").is_file() and (tmp_path / "checkpoint-300").is_dir()
+    CrossEncoder.from_pretrained(tmp_path, device="cuda").predict([("q", "p")])
