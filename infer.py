@@ -10,13 +10,19 @@ A file is streamed: rows are read, checked and scored CHUNK_ROWS at a time, so m
 The output is written to a temporary file next to it and renamed only when every row has been scored: a bad row or
 an interrupted run leaves no output file behind, and an existing one untouched.
 
+Under torchrun (`torchrun --nproc-per-node N infer.py --input ... --output ...`) the processes share the rows of a
+file and process 0 writes the output, the same as one process writes (see Shards); ranking mode runs on process 0.
+
 torch and the model code are imported only after the arguments have been checked, so `--help` and argument errors
 are instant and the time to the first score is the time to load the model.
 """
 
 import argparse
 import contextlib
+import io
+import itertools
 import json
+import math
 import os
 import shutil
 import signal
@@ -29,6 +35,9 @@ DEFAULT_MODEL = "cross-encoder/ms-marco-MiniLM-L6-v2"
 DTYPE_CHOICES = ("fp32", "bf16", "fp16", "int8")
 FORMAT_CHOICES = ("jsonl", "tsv", "csv")
 CHUNK_ROWS = 1024  # rows read, scored and written at a time in file mode (also how often the progress bar moves)
+# Under torchrun, how long a process waits for the others at an exchange: they may be loading the model (downloading
+# it, the first time) or scoring a chunk. One that takes longer is taken for hung, and the others stop.
+SHARD_TIMEOUT_S = 600
 
 EPILOG = """\
 examples:
@@ -41,11 +50,22 @@ input files (--input): JSONL with the fields "query" and "passage" (or "sentence
 with a header row naming those columns. Every other field (qid, label, ...) is kept; the output has the same format,
 rows and order, plus a "score" field (an existing "score" is overwritten). Exit status: 0 on success, 2 for bad
 arguments, bad input or a model that cannot be found.
+
+several processes (one per GPU, or CPU processes) share the rows of a file when started by torchrun:
+  torchrun --nproc-per-node 4 infer.py --input pairs.jsonl --output scored.jsonl
 """
 
 
 class UsageError(Exception):
     """A mistake of the user's (bad option value, missing model, unwritable output): one line on stderr, exit 2."""
+
+
+class ShardError(Exception):
+    """Scoring under torchrun stopped (a process failed, or the others lost it): exit `status`, print the message."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
 
 
 def positive_int(text: str) -> int:
@@ -157,7 +177,7 @@ def load_model(args):
 
 # ---------------------------------------------------------------------------------------------------- ranking mode
 
-def rank(args) -> int:
+def rank_passages(args) -> int:
     model = load_model(args)
     results = model.rank(args.query, args.passages, top_k=args.top_k, return_documents=True,
                          batch_size=args.batch_size, activation="sigmoid" if args.sigmoid else None)
@@ -192,16 +212,20 @@ def score_file(args) -> int:
     if args.input != "-" and not is_pipe(args.input):
         total = sum(1 for _ in iter_pairs(args.input, fmt))  # a bad row fails here, instantly, before the model loads
     model = load_model(args)
-    activation = "sigmoid" if args.sigmoid else None
 
     with output_file(args.output) as out, progress_bar(total, args.quiet) as bar:
         writer = RowWriter(out, fmt)
         for chunk in chunked(iter_pairs(args.input, fmt), CHUNK_ROWS):
-            scores = model.predict([(p.query, p.passage) for p in chunk], batch_size=args.batch_size, activation=activation)
-            for pair, score in zip(chunk, scores):
-                writer.write(pair.row, float(score))
+            score_chunk(model, chunk, writer, args)
             bar.update(len(chunk))
     return 0
+
+
+def score_chunk(model, chunk: list, writer: "RowWriter", args) -> None:
+    scores = model.predict([(p.query, p.passage) for p in chunk], batch_size=args.batch_size,
+                           activation="sigmoid" if args.sigmoid else None)
+    for pair, score in zip(chunk, scores):
+        writer.write(pair.row, float(score))
 
 
 def check_output(output: str, fmt: str) -> None:
@@ -268,12 +292,14 @@ def chunked(items, size: int):
 
 class RowWriter:
     """Writes rows in `fmt` with a `score` field added (or replaced): JSONL objects, TSV lines (fields joined by tabs,
-    no quoting: the text goes back byte for byte), or CSV records quoted by the csv module; TSV/CSV with a header.
-    The score is the float32 value's shortest repr: every digit needed to get the same float32 back."""
+    no quoting: the text goes back byte for byte), or CSV records quoted by the csv module; TSV/CSV with a header
+    (unless `header` is False: rows that go after another writer's). The score is the float32 value's shortest repr:
+    every digit needed to get the same float32 back."""
 
-    def __init__(self, out, fmt: str):
+    def __init__(self, out, fmt: str, header: bool = True):
         self.out = out
         self.fmt = fmt
+        self.write_header = header
         self.header = None
         if fmt == "csv":
             import csv
@@ -287,7 +313,8 @@ class RowWriter:
             return
         if self.header is None:
             self.header = list(row) + ([] if "score" in row else ["score"])
-            self.write_record(self.header)
+            if self.write_header:
+                self.write_record(self.header)
         row["score"] = repr(score)
         self.write_record([row[key] for key in self.header])
 
@@ -308,6 +335,118 @@ def progress_bar(total, quiet: bool):
         yield bar
 
 
+# ----------------------------------------------------------------------------------------------- several processes
+
+def torchrun_rank() -> tuple[int, int]:
+    """(rank, world size) of this process when torchrun started it; (0, 1) otherwise."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+class Shards:
+    """The processes torchrun started, scoring one file together.
+
+    Every process reads the whole file (reading is cheap next to scoring) and scores every world-th chunk of
+    CHUNK_ROWS rows: process r the chunks r, r + world, r + 2 world, ... In each round every process scores one chunk
+    and sends its output lines to process 0, which writes them, in input order, into the output. So the output is
+    what one process writes, each process holds one chunk at a time (process 0 the lines of one round), and only
+    process 0 writes anything, so the output path need not exist on the other machines.
+
+    Only text crosses between processes, so the group is gloo (TCP), also when each process scores on its own GPU.
+    A process whose step fails does not leave: it says so at the end of the step (`agree`), and every process stops
+    there with that error, which process 0 reports after removing its temporary output. A process that dies closes
+    its connections, which fails the others' next exchange at once; one that hangs is given up after SHARD_TIMEOUT_S."""
+
+    def __init__(self):
+        from datetime import timedelta
+
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.rank, self.world = torchrun_rank()
+        self.stopped = False  # every process agreed to stop on an error
+        dist.init_process_group("gloo", timeout=timedelta(seconds=SHARD_TIMEOUT_S))
+
+    def score(self, args) -> int:
+        from minilm.data import detect_format, iter_pairs
+
+        def check_input():
+            fmt = detect_format(args.input, args.format)
+            if args.input == "-" or is_pipe(args.input):
+                raise UsageError(f"--input {args.input}: under torchrun every process reads the input; give a file")
+            if self.rank == 0:
+                check_output(args.output, fmt)
+            return fmt, sum(1 for _ in iter_pairs(args.input, fmt))  # a bad row fails here, before the model loads
+
+        def load():
+            import torch
+
+            if args.device in (None, "cuda") and args.dtype != "int8" and torch.cuda.is_available():
+                args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"  # one GPU per process
+            return load_model(args)
+
+        fmt, total = self.agree(check_input)
+        model = self.agree(load)
+        mine = itertools.islice(chunked(iter_pairs(args.input, fmt), CHUNK_ROWS), self.rank, None, self.world)
+
+        def score_mine(index: int) -> str:
+            lines = io.StringIO()
+            chunk = next(mine, None)  # None in the last round, for the processes after the file's last chunk
+            if chunk is not None:
+                score_chunk(model, chunk, RowWriter(lines, fmt, header=index == 0), args)
+            return lines.getvalue()
+
+        with contextlib.ExitStack() as stack:
+            if self.rank == 0:
+                out = stack.enter_context(output_file(args.output))
+                bar = stack.enter_context(progress_bar(total, args.quiet))
+            for first in range(0, math.ceil(total / CHUNK_ROWS), self.world):  # a round: chunk first + rank each
+                texts = self.gather(self.agree(lambda: score_mine(first + self.rank)))
+                if self.rank == 0:  # failing to write is process 0's own error: it reports it, the others lose it
+                    out.writelines(texts)
+                    bar.update(min(total, (first + self.world) * CHUNK_ROWS) - first * CHUNK_ROWS)
+            self.collective(self.dist.barrier)  # no process leaves (closing its connections) before its lines are in
+        return 0
+
+    def agree(self, step):
+        """step()'s result if it succeeded in every process; otherwise every process raises the error of the first
+        one that failed."""
+        from minilm.data import DataError
+
+        result = failure = None
+        try:
+            result = step()
+        except (UsageError, DataError) as e:  # bad input: the same in every process
+            failure = (2, str(e))
+        except Exception as e:  # a crash: named, since process 0 reports it
+            failure = (1, f"process {self.rank}: {type(e).__name__}: {e}")
+        failures = [None] * self.world
+        self.collective(self.dist.all_gather_object, failures, failure)
+        failure = next((f for f in failures if f is not None), None)
+        if failure is not None:
+            self.stopped = True
+            raise ShardError(*failure)
+        return result
+
+    def gather(self, text: str) -> list[str] | None:
+        """Every process's `text`, in rank order, on process 0 (None elsewhere)."""
+        texts = [None] * self.world if self.rank == 0 else None
+        self.collective(self.dist.gather_object, text, texts, dst=0)
+        return texts
+
+    def collective(self, op, *args, **kwargs) -> None:
+        try:
+            op(*args, **kwargs)
+        except RuntimeError as e:  # gloo: a process closed its connections (it died), or timed out (it hangs)
+            reason = str(e).splitlines()[0].split("] ", 1)[-1].split(". ")[0]  # without gloo's source line and advice
+            raise ShardError(1, f"lost contact with another process: {reason}") from None
+
+    def leave(self) -> None:
+        if self.stopped:  # torchrun stops every process as soon as one exits with an error: first let process 0
+            with contextlib.suppress(ShardError):  # remove its temporary output and report the error
+                self.collective(self.dist.barrier)
+        self.dist.destroy_process_group()
+
+
 # ------------------------------------------------------------------------------------------------------------ main
 
 def main(argv=None) -> int:
@@ -317,14 +456,25 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # like Ctrl-C: unwind, so no temporary output is left
     from minilm.data import DataError  # plain Python; torch is imported later, by load_model
 
+    rank, world = torchrun_rank()
+    if args.input is None and rank > 0:
+        return 0  # ranking a few passages is work for one process: process 0's
+    quiet = rank > 0  # under torchrun, process 0 reports
+    shards = None
     try:
-        if args.input is not None:
+        if args.input is None:
+            return rank_passages(args)
+        if world == 1:
             return score_file(args)
-        return rank(args)
+        shards = Shards()
+        return shards.score(args)
     except (UsageError, DataError) as e:  # DataError names the file, the line and the problem
         return fail(str(e))
+    except ShardError as e:  # every process stops, process 0 says why
+        return fail(str(e), e.status, quiet)
     except KeyboardInterrupt:
-        print("infer.py: interrupted", file=sys.stderr)
+        if not quiet:
+            print("infer.py: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:  # `python infer.py ... | head`: the reader left; say nothing
         devnull = os.open(os.devnull, os.O_WRONLY)
@@ -332,10 +482,14 @@ def main(argv=None) -> int:
         return 1
     except OSError as e:  # writing the output failed (disk full, ...); the temporary file is already gone
         return fail(f"{e.filename or args.output}: {e.strerror or e}", status=1)
+    finally:
+        if shards is not None:
+            shards.leave()
 
 
-def fail(message: str, status: int = 2) -> int:
-    print(f"infer.py: error: {' '.join(message.split())}", file=sys.stderr)
+def fail(message: str, status: int = 2, quiet: bool = False) -> int:
+    if not quiet:
+        print(f"infer.py: error: {' '.join(message.split())}", file=sys.stderr)
     return status
 
 

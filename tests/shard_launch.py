@@ -1,0 +1,37 @@
+"""infer.py as tests/test_shard.py starts it under torchrun: chunks of 3 rows (so a few dozen rows make several
+rounds), and two hooks around CrossEncoder.predict, set by environment variables:
+
+  SHARD_TEST_LOG=DIR          each process appends the passages it scores to DIR/RANK.txt
+  SHARD_TEST_CRASH=R:HOW:TEXT process R, about to score the passage TEXT, raises RuntimeError (HOW=raise) or kills
+                              itself with SIGKILL (HOW=kill)
+"""
+
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import infer  # noqa: E402
+from minilm import CrossEncoder  # noqa: E402
+
+infer.CHUNK_ROWS = 3
+predict = CrossEncoder.predict
+
+
+def hooked_predict(self, pairs, *args, **kwargs):
+    rank = os.environ["RANK"]
+    crash_rank, how, text = os.environ.get("SHARD_TEST_CRASH", "::").split(":", 2)
+    if crash_rank == rank and any(passage == text for _, passage in pairs):
+        if how == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError(f"injected crash at {text!r}")
+    if "SHARD_TEST_LOG" in os.environ:
+        with open(Path(os.environ["SHARD_TEST_LOG"]) / f"{rank}.txt", "a", encoding="utf-8") as log:
+            log.writelines(passage.replace("\n", " ") + "\n" for _, passage in pairs)
+    return predict(self, pairs, *args, **kwargs)
+
+
+CrossEncoder.predict = hooked_predict
+sys.exit(infer.main())

@@ -1,0 +1,180 @@
+"""infer.py under torchrun: two gloo processes on the CPU share a file's rows and write what one process writes.
+
+Each case starts `python -m torch.distributed.run --nproc-per-node 2 tests/shard_launch.py ...` (infer.py with
+chunks of 3 rows, so that 25 rows make 5 rounds, and hooks that log or crash a process's scoring) on the stand-in
+checkpoint, and compares with `infer.main` run in this process. torchrun adds its own report of failed processes to
+stderr; the lines of infer.py's are the ones that start with "infer.py:".
+"""
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from test_infer import assert_one_line_error, read_output, write_input
+
+REPO = Path(__file__).resolve().parent.parent
+LAUNCHER = Path(__file__).resolve().parent / "shard_launch.py"
+ROWS = [{"qid": str(i // 4), "query": f"query {i // 4}", "passage": f"passage {i}, about \"things\" number {i}"}
+        for i in range(25)]
+QUICK = ["--device", "cpu", "--max-length", "32"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun_command(*argv) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+            "--master-port", str(free_port()), str(LAUNCHER), *map(str, argv)]
+
+
+def torchrun(*argv, env_extra=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
+    return subprocess.run(torchrun_command(*argv), cwd=REPO, capture_output=True, text=True, env=env, timeout=180)
+
+
+def infer_lines(stderr: str) -> list[str]:
+    return [line for line in stderr.splitlines() if line.startswith("infer.py:")]
+
+
+def assert_both_failed(stderr: str) -> None:
+    """torchrun's report lists both processes as failed. Once one has exited, torchrun sends SIGTERM to the other,
+    which may get it on its way out (exit code -15) instead of returning its own status."""
+    codes = [int(code) for code in re.findall(r"exitcode +: (-?\d+)", stderr)]
+    assert len(codes) == 2 and 0 not in codes, stderr
+
+
+def one_process(capsys, *argv) -> str:
+    """What infer.py writes to stdout when run as a single process."""
+    import infer
+
+    assert infer.main([*map(str, argv), "--quiet"]) == 0
+    return capsys.readouterr().out
+
+
+def assert_same_output(sharded: str, single: str, fmt: str) -> None:
+    """The same rows, order and fields; the scores within 1e-5 (the processes batch differently)."""
+    got, want = read_output(sharded, fmt), read_output(single, fmt)
+    assert [list(r) for r in got] == [list(r) for r in want]
+    assert [{k: v for k, v in r.items() if k != "score"} for r in got] == \
+           [{k: v for k, v in r.items() if k != "score"} for r in want]
+    np.testing.assert_allclose([float(r["score"]) for r in got], [float(r["score"]) for r in want], atol=1e-5)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "tsv", "csv"])
+def test_two_processes_write_what_one_writes(standin_dir, tmp_path, capsys, fmt):
+    work, log = tmp_path / "work", tmp_path / "log"
+    work.mkdir(), log.mkdir()
+    rows = [dict(r) for r in ROWS]
+    if fmt != "tsv":  # a quoted line break: one CSV record over two lines
+        rows[7]["passage"] = "passage 7, with a line\nbreak"
+    src, dst = work / f"in.{fmt}", work / f"out.{fmt}"
+    write_input(src, fmt, rows)
+    done = torchrun("--model", standin_dir, *QUICK, "--input", src, "--output", dst,
+                    env_extra={"SHARD_TEST_LOG": str(log)})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "" and done.stderr == ""
+    text = dst.read_text(encoding="utf-8")
+    assert_same_output(text, one_process(capsys, "--model", standin_dir, *QUICK, "--input", src), fmt)
+    assert sorted(p.name for p in work.iterdir()) == [src.name, dst.name]  # no temporary file left
+
+    # chunks of 3 rows, interleaved: process 0 scores chunks 0, 2, 4, 6, 8 (13 rows), process 1 chunks 1, 3, 5, 7
+    shares = [(log / f"{rank}.txt").read_text(encoding="utf-8").splitlines() for rank in (0, 1)]
+    passages = [r["passage"].replace("\n", " ") for r in rows]
+    assert shares[0] == [p for i, p in enumerate(passages) if i // 3 % 2 == 0]
+    assert shares[1] == [p for i, p in enumerate(passages) if i // 3 % 2 == 1]
+
+
+def test_two_processes_to_stdout(standin_dir, tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    write_input(src, "jsonl", ROWS)
+    done = torchrun("--model", standin_dir, *QUICK, "--input", src)
+    assert done.returncode == 0, done.stderr
+    assert_same_output(done.stdout, one_process(capsys, "--model", standin_dir, *QUICK, "--input", src), "jsonl")
+    assert list(tmp_path.iterdir()) == [src]
+
+
+def test_ranking_mode_runs_on_process_0(standin_dir, capsys):
+    argv = ["--model", standin_dir, *QUICK, "--json", "capital of france", "Paris is in France.", "Bananas."]
+    done = torchrun(*argv)
+    assert done.returncode == 0, done.stderr
+    got, want = json.loads(done.stdout), json.loads(one_process(capsys, *argv))  # printed once
+    assert [(r["corpus_id"], r["text"]) for r in got] == [(r["corpus_id"], r["text"]) for r in want]
+    np.testing.assert_allclose([r["score"] for r in got], [r["score"] for r in want], atol=1e-5)
+
+
+BAD_INPUTS = {  # line 11 holds row 10, in chunk 3 (rows 9-11): process 1's share
+    "bad-row-in-process-1-share": ("in.jsonl", ":11", "missing field 'passage'"),
+    "missing-file": ("missing.jsonl", "", "No such file"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS)
+def test_bad_input_stops_both_processes(standin_dir, tmp_path, case):
+    name, line, problem = BAD_INPUTS[case]
+    src, dst = tmp_path / name, tmp_path / "out.jsonl"
+    if name == "in.jsonl":
+        rows = [dict(r) for r in ROWS]
+        del rows[10]["passage"]
+        write_input(src, "jsonl", rows)
+    dst.write_text("precious\n")
+    before = sorted(tmp_path.iterdir())
+    start = time.monotonic()
+    done = torchrun("--model", standin_dir, *QUICK, "--input", src, "--output", dst)
+    assert done.returncode != 0
+    assert time.monotonic() - start < 90  # no process waits for the others (a collective's timeout is 10 minutes)
+    assert_both_failed(done.stderr)
+    assert_one_line_error("\n".join(infer_lines(done.stderr)), f"{src}{line}", problem)
+    assert done.stdout == ""
+    assert dst.read_text() == "precious\n" and sorted(tmp_path.iterdir()) == before
+
+
+def test_standard_input_is_refused(standin_dir, tmp_path):
+    done = torchrun("--model", standin_dir, *QUICK, "--input", "-", "--output", tmp_path / "out.jsonl")
+    assert_both_failed(done.stderr)
+    assert_one_line_error("\n".join(infer_lines(done.stderr)), "--input -", "give a file")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("how, message", [("raise", "process 1: RuntimeError: injected crash"),
+                                          ("kill", "lost contact with another process")])
+def test_a_crash_in_one_process_stops_both(standin_dir, tmp_path, how, message):
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(src, "jsonl", ROWS)
+    dst.write_text("precious\n")
+    start = time.monotonic()
+    done = torchrun("--model", standin_dir, *QUICK, "--input", src, "--output", dst,
+                    env_extra={"SHARD_TEST_CRASH": f"1:{how}:{ROWS[10]['passage']}"})  # process 1's second chunk
+    assert done.returncode != 0
+    assert time.monotonic() - start < 90
+    assert_both_failed(done.stderr)
+    assert_one_line_error("\n".join(infer_lines(done.stderr)), message)
+    assert dst.read_text() == "precious\n" and sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
+
+
+def test_sigterm_leaves_no_output(standin_dir, tmp_path):
+    """SIGTERM to torchrun (what `kill` and job schedulers send) while scoring: nothing left, the old output kept."""
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(src, "jsonl", ROWS * 400)
+    dst.write_text("old\n")
+    proc = subprocess.Popen(torchrun_command("--model", standin_dir, *QUICK, "--input", src, "--output", dst), cwd=REPO,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".out.jsonl.*.tmp")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".out.jsonl.*.tmp")), "the temporary output never appeared"
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=60)
+    assert proc.returncode != 0, proc.stderr.read()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"] and dst.read_text() == "old\n"
