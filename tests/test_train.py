@@ -311,6 +311,24 @@ def test_resume_from_a_damaged_checkpoint_exits_2(run, standin_dir, tmp_path, tr
     assert code == 2 and str(ckpt) in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_output_that_is_a_file_exits_2(tmp_path, train_inprocess):
+    (tmp_path / "t.jsonl").write_text(GOOD)
+    (tmp_path / "out").write_text("not a folder")
+    code, err = train_inprocess("--train", tmp_path / "t.jsonl", "--output", tmp_path / "out")
+    assert code == 2 and "exists and is not a folder" in err, err
+
+
+def test_a_full_disk_while_saving_a_checkpoint(standin_dir, tmp_path, train_inprocess, monkeypatch):
+    """torch.save failing as on a full disk: one error line, exit status 1, no temporary checkpoint folder left."""
+    def full(obj, f, *args, **kwargs):
+        raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 1234 vs 5678")
+
+    monkeypatch.setattr(torch, "save", full)
+    code, err = train_inprocess(*short_run(standin_dir, tmp_path / "out"))
+    assert code == 1 and "writing checkpoint" in err and "inline_container" in err and len(err.strip().splitlines()) == 1, err
+    assert not list((tmp_path / "out").glob("*checkpoint-*"))
+
+
 # ------------------------------------------------------------------------------------------------------------ DDP
 def ddp_worker(rank, world, port, argv, out):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
