@@ -254,7 +254,7 @@ def lr_factor(s):  # transformers.get_linear_schedule_with_warmup; s = scheduler
 # only on steps the fp16 GradScaler did not skip; `taken` counts them on the device, so the fast loop looks its lr up
 # there, with no host sync.
 schedule = [cfg.lr * lr_factor(s) for s in range(total_steps + 1)]
-schedule_on_device = torch.tensor(schedule, dtype=torch.float64, device=device)
+schedule_on_device = torch.tensor(schedule, dtype=torch.float32, device=device)  # fused AdamW's CUDA kernel reads fp32
 taken = torch.zeros((), dtype=torch.int64, device=device)
 scaler = torch.amp.GradScaler(device.type, init_scale=cfg.fp16_init_scale, growth_factor=2.0, backoff_factor=0.5,
                               growth_interval=cfg.fp16_growth_interval, enabled=precision == "fp16")

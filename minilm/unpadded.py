@@ -26,17 +26,14 @@ from torch import nn
 
 @dataclass
 class Packed:
-    """A batch of pairs without padding: pair i owns rows starts[i] : starts[i] + lengths[i] of the (N,) tensors."""
+    """A batch of pairs without padding: pair i owns lengths[i] consecutive rows of the (N,) tensors."""
 
     input_ids: torch.Tensor  # (N,)
     token_type_ids: torch.Tensor  # (N,)
     positions: torch.Tensor  # (N,) 0..L-1 within each pair
-    lengths: list  # (B,) python ints: no device sync to read them
+    cls_rows: torch.Tensor  # (B,) the row of each pair's [CLS] token
     rows: torch.Tensor  # (N,) where each token sits in a right-padded (B * T) batch; for attention on CUDA
-
-    @property
-    def starts(self) -> list:
-        return np.concatenate([[0], np.cumsum(self.lengths)[:-1]]).tolist()
+    lengths: list  # (B,) python ints: no device sync to read them
 
 
 def pack(encodings, device) -> Packed:
@@ -44,11 +41,11 @@ def pack(encodings, device) -> Packed:
     lengths = [len(e.ids) for e in encodings]
     T = max(lengths)
     arrays = [np.concatenate([e.ids for e in encodings]), np.concatenate([e.type_ids for e in encodings]),
-              np.concatenate([np.arange(n) for n in lengths]), np.concatenate([i * T + np.arange(n) for i, n in enumerate(lengths)])]
-    pin = device.type == "cuda"
-    tensors = [torch.from_numpy(a.astype(np.int64)) for a in arrays]
-    tensors = [(t.pin_memory() if pin else t).to(device, non_blocking=True) for t in tensors]
-    return Packed(*tensors[:3], lengths, tensors[3])
+              np.concatenate([np.arange(n) for n in lengths]), np.cumsum([0] + lengths[:-1]),
+              np.concatenate([i * T + np.arange(n) for i, n in enumerate(lengths)])]
+    pin = device.type == "cuda"  # pinned host memory: the copy runs while the GPU works on the previous step
+    tensors = [torch.from_numpy(np.asarray(a, dtype=np.int64)) for a in arrays]
+    return Packed(*((t.pin_memory() if pin else t).to(device, non_blocking=True) for t in tensors), lengths)
 
 
 # ------------------------------------------------------------------------------------------------------- dropout
@@ -137,11 +134,10 @@ class Unpadded(nn.Module):
         x = emb.word_embeddings(batch.input_ids) + emb.token_type_embeddings(batch.token_type_ids)  # (N, H)
         x = x + emb.position_embeddings(batch.positions)
         x = dropout(emb.LayerNorm(x), emb.dropout.p, training)  # (N, H)
-        cls_rows = torch.as_tensor(batch.starts, device=x.device)
         for i, layer in enumerate(model.layers):
             cls_only = i == len(model.layers) - 1  # the pooler reads only [CLS]: its rows alone go on
             sa, ao, ffn_out = layer.attention.self, layer.attention.output, layer.output
-            xq = x[cls_rows] if cls_only else x  # (N or B, H)
+            xq = x[batch.cls_rows] if cls_only else x  # (N or B, H)
             a = attention(sa.query(xq), sa.key(x), sa.value(x), batch, sa.n_head, sa.dropout_p if training else 0.0, cls_only)
             x = ao.LayerNorm(dropout(ao.dense(a), ao.dropout.p, training) + xq)  # post-LN, as in the model
             x = ffn_out.LayerNorm(dropout(ffn_out.dense(layer.intermediate(x)), ffn_out.dropout.p, training) + x)

@@ -161,7 +161,7 @@ def test_fp16_skips_overflowing_steps_and_holds_the_schedule(standin_dir, tmp_pa
           "--fp16-growth-interval", growth, "--exact", exact, cpu_fp16=True)
     scale, clean, taken, skipped, grown = init, 0, 0, 0, 0
     for r in (r for r in read_log(tmp_path) if "loss" in r):
-        assert r["lr"] == pytest.approx(5e-5 * ((steps - taken) / steps), rel=0 if exact == "true" else 1e-15)  # LambdaLR's
+        assert r["lr"] == pytest.approx(5e-5 * ((steps - taken) / steps), rel=0 if exact == "true" else 1e-7)  # LambdaLR's; fast: an fp32 lr
         if r["grad_norm"] is not None:  # null in log.jsonl: inf or nan
             taken, clean = taken + 1, clean + 1
             if clean == growth:
@@ -177,7 +177,7 @@ def test_fp16_skipped_steps_leave_the_weights_alone(standin_dir, tmp_path):
           "--max-length", 16, "--device", "cpu", "--log-every", 1, "--precision", "fp16", "--fp16-init-scale", 2.0**40,
           cpu_fp16=True)
     log = [r for r in read_log(tmp_path) if "loss" in r]
-    assert [r["scale"] for r in log] == [2.0**39, 2.0**38] and [r["lr"] for r in log] == [5e-5, 5e-5]
+    assert [r["scale"] for r in log] == [2.0**39, 2.0**38] and [r["lr"] for r in log] == pytest.approx([5e-5, 5e-5], rel=1e-7)
     before, after = load_file(standin_dir / "model.safetensors"), load_file(tmp_path / "model.safetensors")
     assert all(torch.equal(before[k], after[k]) for k in before)
 
