@@ -10,17 +10,23 @@ files. It can be named three ways:
 
 import json
 import os
+import pickle
 import shutil
+import socket
 import tempfile
+import threading
+import urllib.request
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt")
 WEIGHTS_DIRS = (Path.cwd() / "weights", Path(__file__).resolve().parent.parent / "weights")
+HUB_PROBE_SECONDS = 2.0  # a Hub that does not accept a connection in this time counts as unreachable: cache only
 
 
 class CheckpointError(Exception):
@@ -56,12 +62,17 @@ def _check_dir(path: Path) -> Path:
 
 
 def _from_hub(repo_id: str, revision: str | None) -> Path:
-    from huggingface_hub import hf_hub_download
+    from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+
+    offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+    # huggingface_hub retries a host it cannot reach for ~25 s before using its cache or giving up; a quick probe
+    # sends it straight to the cache instead
+    unreachable = not offline and not reachable(constants.ENDPOINT)
 
     def fetch(filename):
         try:
-            return Path(hf_hub_download(repo_id, filename, revision=revision))
+            return Path(hf_hub_download(repo_id, filename, revision=revision, local_files_only=unreachable))
         except EntryNotFoundError:  # also the "not in the local cache and the Hub is unreachable" case
             return None
 
@@ -76,8 +87,7 @@ def _from_hub(repo_id: str, revision: str | None) -> Path:
     except (RepositoryNotFoundError, RevisionNotFoundError) as e:
         raise CheckpointError(f"{repo_id}: {type(e).__name__} on the Hugging Face Hub (revision {revision or 'main'}). {how_to}") from None
     if config is None:
-        offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-        why = "HF_HUB_OFFLINE is set" if offline else "the Hugging Face Hub could not be reached"
+        why = "HF_HUB_OFFLINE is set" if offline else f"the Hugging Face Hub ({constants.ENDPOINT}) could not be reached"
         raise CheckpointError(
             f"model {repo_id!r} (revision {revision or 'main'}) is not a local directory, not under weights/, and not in "
             f"the Hugging Face cache; {why}. {how_to}"
@@ -89,14 +99,62 @@ def _from_hub(repo_id: str, revision: str | None) -> Path:
     return config.parent  # the snapshot folder: every file of one revision sits side by side
 
 
-def read_state_dict(folder: Path) -> dict:
-    safetensors_file = folder / "model.safetensors"
-    if safetensors_file.exists():
-        from safetensors.torch import load_file
+def reachable(url: str, timeout: float = HUB_PROBE_SECONDS) -> bool:
+    """Whether a TCP connection to the host of `url` (or to the proxy the environment sets for it) opens within
+    `timeout` seconds, name lookup included."""
+    url = urlsplit(url)
+    proxy = urllib.request.getproxies().get(url.scheme)
+    if proxy and not urllib.request.proxy_bypass(url.hostname or ""):
+        url = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+    opened = []
 
-        return load_file(safetensors_file)
-    # weights_only: a pickle from the internet must not be able to run code
-    return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    def connect():
+        try:
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+            opened.append(True)
+        except (OSError, ValueError):  # no such host, refused, timed out; a malformed port
+            pass
+
+    thread = threading.Thread(target=connect, daemon=True)  # the name lookup has no timeout of its own
+    thread.start()
+    thread.join(timeout)
+    return bool(opened)
+
+
+def read_json(path: Path) -> dict:
+    """The JSON object in `path` (config.json, tokenizer_config.json); CheckpointError naming the file if it is not one."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:  # their messages say where, not which file
+        raise CheckpointError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a JSON object {{...}}, got {'an array' if isinstance(obj, list) else json.dumps(obj)[:40]}")
+    return obj
+
+
+def read_state_dict(folder: Path) -> dict:
+    """The tensors of `model.safetensors` (else `pytorch_model.bin`); CheckpointError naming the file if it is empty,
+    truncated or not such a file (the libraries' own errors do not say which file)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = folder / "model.safetensors"
+    try:
+        if path.exists():
+            return load_file(path)
+        path = folder / "pytorch_model.bin"
+        # weights_only: a pickle from the internet must not be able to run code
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except SafetensorError as e:
+        raise CheckpointError(f"{path}: not a complete safetensors file ({e})") from None
+    except (EOFError, RuntimeError, OSError) as e:  # empty, truncated, unreadable
+        why = str(e).splitlines()[0] if str(e) else "the file ends too early"
+        raise CheckpointError(f"{path}: cannot be read as a PyTorch checkpoint ({why})") from None
+    except pickle.UnpicklingError:  # its message suggests weights_only=False, which would run the file's code
+        raise CheckpointError(f"{path}: not a PyTorch checkpoint of plain tensors") from None
+    if not (isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())):
+        raise CheckpointError(f"{path}: holds a {type(state).__name__}, not a dict of tensors")
+    return state
 
 
 @contextmanager

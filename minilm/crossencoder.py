@@ -5,7 +5,6 @@ Shaped like `sentence_transformers.CrossEncoder` (5.1.0) so code moves over unch
 """
 
 import importlib
-import json
 import shutil
 import warnings
 from dataclasses import asdict
@@ -14,8 +13,8 @@ from pathlib import Path
 import torch
 
 from . import precision as precisions
-from .checkpoint import (TOKENIZER_FILES, atomic_write, load_weights, read_state_dict, resolve, save_weights, skip_init,
-                         write_json)
+from .checkpoint import (TOKENIZER_FILES, atomic_write, load_weights, read_json, read_state_dict, resolve, save_weights,
+                         skip_init, write_json)
 from .model import Config, CrossEncoderModel
 from .tokenizer import PairTokenizer
 
@@ -31,24 +30,68 @@ def default_activation(hf_config: dict) -> str:
 
     Priority as in ST: config.json["sentence_transformers"]["activation_fn"], then the legacy
     `sbert_ce_default_activation_function` key (the ms-marco models carry Identity there: their scores are raw
-    logits), then Sigmoid for a 1-label model. Paths outside torch.* are not imported (ST needs trust_remote_code)."""
+    logits), then Sigmoid for a 1-label model. A config.json names code to run, so only a module class of
+    torch.nn.modules that maps (N, 1) logits to (N, 1) scores is used (vLLM's rule for the same key, for security);
+    anything else gets a warning and Sigmoid, the default (ST would import any torch.* path)."""
     path = (hf_config.get("sentence_transformers") or {}).get("activation_fn") or hf_config.get("sbert_ce_default_activation_function")
-    if path is not None and not path.startswith("torch."):
-        warnings.warn(f"activation {path!r} in config.json is not a torch.* path; using Sigmoid instead")
-        path = None
-    return path or SIGMOID
+    if path is None:
+        return SIGMOID
+    try:
+        activation_from_path(path)
+    except ValueError as e:
+        warnings.warn(f"config.json: {e}; using Sigmoid instead")
+        return SIGMOID
+    return path
+
+
+def activation_from_path(path) -> torch.nn.Module:
+    """An instance of the torch.nn module class at dotted `path` (`torch.nn.modules.activation.Sigmoid`, or
+    `torch.nn.Sigmoid`), checked to map (N, 1) logits to (N, 1) scores; ValueError for anything else."""
+    cls = None
+    if isinstance(path, str) and path.startswith("torch.nn."):
+        module_name, _, class_name = path.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError):
+            pass
+    # a class defined in torch.nn.modules, not merely reachable from there (torch.nn.modules.activation.Tensor)
+    if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module) and cls.__module__.startswith("torch.nn.modules.")):
+        raise ValueError(f"activation {path!r} is not a module class of torch.nn")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # Softmax() warns of its implicit dim; it is warned of when scoring
+            fn = cls()
+            ok = fn(torch.zeros(2, 1)).shape == (2, 1)
+    except Exception:  # whatever a torch.nn constructor or forward raises: Linear() wants arguments, Module() a forward
+        ok = False
+    if not ok:
+        raise ValueError(f"activation {path!r} cannot be built without arguments to map logits to scores")
+    return fn
 
 
 def activation_module(activation) -> torch.nn.Module | None:
-    """None for Identity; otherwise a callable. Accepts a module/function, 'sigmoid', 'identity' or a torch path."""
+    """None for Identity; otherwise a callable. Accepts a module/function, 'sigmoid', 'identity' or the path of a
+    torch.nn module class (ValueError for anything else)."""
     if callable(activation):
         return activation
     path = {"sigmoid": SIGMOID, "identity": IDENTITY}.get(str(activation).lower(), activation)
-    if not isinstance(path, str) or not path.startswith("torch."):
-        raise ValueError(f"activation must be a callable, 'sigmoid', 'identity' or a torch.* class path, got {activation!r}")
-    module_name, _, class_name = path.rpartition(".")
-    fn = getattr(importlib.import_module(module_name), class_name)()
+    fn = activation_from_path(path)
     return None if isinstance(fn, torch.nn.Identity) else fn
+
+
+def usable_device(device) -> torch.device:
+    """`device` as a torch.device that can hold this model here, else ValueError saying why (before the slow part)."""
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:  # "Expected one of cpu, cuda, ... device type at start of device string: gpu"
+        raise ValueError(f"device {device!r}: {str(e).splitlines()[0]}") from None
+    if device.type == "meta":
+        raise ValueError("device 'meta' holds no data, so nothing can be scored on it; use cpu or cuda")
+    try:
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as e:  # "Torch not compiled with CUDA enabled" is an AssertionError
+        raise ValueError(f"device {str(device)!r} is not available here ({str(e).split('. ')[0]})") from None
+    return device
 
 
 class CrossEncoder:
@@ -75,11 +118,11 @@ class CrossEncoder:
         precision = precisions.parse(dtype)
         if device is None:
             device = "cuda" if torch.cuda.is_available() and precision != "int8" else "cpu"  # int8 runs on CPUs only
-        device = torch.device(device)
+        device = usable_device(device)
         precisions.check(precision, device)  # before the slow part
         folder = resolve(str(name_or_path), revision)
-        hf_config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
-        config = Config.from_hf(hf_config)
+        hf_config = read_json(folder / "config.json")
+        config = Config.from_hf(hf_config, source=str(folder / "config.json"))
         with skip_init():
             model = CrossEncoderModel(config)
         load_weights(model, read_state_dict(folder), folder)
@@ -120,7 +163,8 @@ class CrossEncoder:
                 raise TypeError(f"pair {i} must be a (query, passage) tuple of two strings, got {pair!r}")
         logits = self.score_logits(pairs, batch_size, show_progress_bar)
         fn = activation_module(activation if activation is not None else activation_fn if activation_fn is not None else self.activation)
-        scores = fn(logits) if fn is not None else logits
+        # per pair, as sentence-transformers does: on (N, 1) rows, so a Softmax sees one logit, never the other pairs
+        scores = fn(logits[:, None]).reshape(len(logits)) if fn is not None else logits
         if convert_to_tensor:
             return scores[0] if single else scores
         scores = scores.numpy()
@@ -158,7 +202,13 @@ class CrossEncoder:
 
     def rank(self, query: str, documents, top_k: int | None = None, return_documents: bool = False, batch_size: int = 32,
              activation=None, show_progress_bar: bool | None = None) -> list:
-        """Score every document against `query`; [{"corpus_id", "score"[, "text"]}] highest first, ties in input order."""
+        """Score every document against `query`; [{"corpus_id", "score"[, "text"]}] highest first, ties in input order.
+
+        top_k: the number of results, at least 1 (None: all). `documents` is a list (or iterable) of strings."""
+        if isinstance(documents, str):  # iterating it would score one-character documents
+            raise TypeError("documents must be a list of strings, got one string; pass [text] for a single document")
+        if top_k is not None and top_k < 1:  # results[:-1] would silently drop the last one
+            raise ValueError(f"top_k must be at least 1 (None: all documents), got {top_k}")
         documents = list(documents)
         scores = self.predict([(query, d) for d in documents], batch_size, activation, show_progress_bar)
         results = [{"corpus_id": i, "score": float(s)} for i, s in enumerate(scores)]

@@ -30,11 +30,18 @@ def format_metrics(m: dict) -> str:
     return f"MRR@10 {m['mrr@10']:.4f} | NDCG@10 {m['ndcg@10']:.4f} | R@1 {m['r@1']:.4f} | {m['queries']} queries"
 
 
+def positive_int(text: str) -> int:
+    value = int(text)  # a ValueError becomes argparse's "invalid positive_int value: 'x'", exit status 2
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m minilm.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="cross-encoder/ms-marco-MiniLM-L6-v2", help="local dir, name under weights/, or Hub id")
     parser.add_argument("--data", required=True, help="labelled pairs: .jsonl, .tsv or .csv")
-    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--batch-size", type=positive_int, default=32)
     parser.add_argument("--max-length", type=int, default=None, help="tokens per pair (default: the checkpoint's, 512)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     args = parser.parse_args(argv)

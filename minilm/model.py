@@ -16,8 +16,10 @@ The defaults of `Config` are the MiniLM-L6-H384 checkpoints (`cross-encoder/ms-m
 `Config.from_hf` reads any BERT `config.json` of this family (L2, L4, L12, TinyBERT-L2).
 """
 
+import json
 import math
 from dataclasses import dataclass, fields
+from typing import get_args
 
 import torch
 import torch.nn.functional as F
@@ -42,19 +44,43 @@ class Config:
     initializer_range: float = 0.02  # std of the head's init when a checkpoint has none
 
     @classmethod
-    def from_hf(cls, hf: dict) -> "Config":
-        """Read a Hugging Face BERT `config.json` dict; refuse what this model does not implement."""
+    def from_hf(cls, hf: dict, source: str = "config.json") -> "Config":
+        """Read a Hugging Face BERT `config.json` dict; refuse what this model does not implement or what is not a
+        value of the right type and range (ValueError naming `source` and the key), before any tensor is built."""
         if hf.get("model_type", "bert") != "bert":
-            raise ValueError(f"config.json has model_type {hf['model_type']!r}; only 'bert' checkpoints are supported")
+            raise ValueError(f"{source} has model_type {hf['model_type']!r}; only 'bert' checkpoints are supported")
         if hf.get("hidden_act", "gelu") != "gelu":
-            raise ValueError(f"config.json has hidden_act {hf['hidden_act']!r}; only exact 'gelu' is implemented")
+            raise ValueError(f"{source} has hidden_act {hf['hidden_act']!r}; only exact 'gelu' is implemented")
         if hf.get("position_embedding_type", "absolute") != "absolute":
-            raise ValueError("only position_embedding_type 'absolute' is implemented")
-        num_labels = len(hf.get("id2label", {"0": "LABEL_0"}))
-        if num_labels != 1:
-            raise ValueError(f"config.json has {num_labels} labels; a cross-encoder reranker has exactly 1")
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in hf.items() if k in names})
+            raise ValueError(f"{source}: only position_embedding_type 'absolute' is implemented")
+        id2label = hf.get("id2label", {"0": "LABEL_0"})
+        if not isinstance(id2label, dict) or len(id2label) != 1:
+            raise ValueError(f"{source} has id2label {id2label!r}; a cross-encoder reranker has exactly 1 label")
+        for f in fields(cls):
+            value = hf.get(f.name, f.default)
+            allowed = get_args(f.type) or (f.type,)  # `float | None` -> (float, NoneType)
+            allowed = ((int,) if float in allowed else ()) + allowed  # JSON writes 0.0 as 0
+            if isinstance(value, bool) or not isinstance(value, allowed):
+                names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
+                raise ValueError(f"{source}: {f.name} must be {names}, got {json.dumps(value)}")
+        config = cls(**{k: v for k, v in hf.items() if k in {f.name for f in fields(cls)}})
+        sizes = ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                 "max_position_embeddings", "type_vocab_size")
+        for name in sizes:
+            if getattr(config, name) < 1:
+                raise ValueError(f"{source}: {name} must be at least 1, got {getattr(config, name)}")
+        if config.hidden_size % config.num_attention_heads:
+            raise ValueError(f"{source}: num_attention_heads {config.num_attention_heads} does not divide hidden_size "
+                             f"{config.hidden_size}")
+        for name in ("hidden_dropout_prob", "attention_probs_dropout_prob", "classifier_dropout"):
+            p = getattr(config, name)
+            if p is not None and not 0 <= p <= 1:
+                raise ValueError(f"{source}: {name} must be between 0 and 1, got {p}")
+        if not config.layer_norm_eps > 0:
+            raise ValueError(f"{source}: layer_norm_eps must be positive, got {config.layer_norm_eps}")
+        if not 0 <= config.pad_token_id < config.vocab_size:
+            raise ValueError(f"{source}: pad_token_id {config.pad_token_id} is not an id of the {config.vocab_size}-token vocabulary")
+        return config
 
 
 class Embeddings(nn.Module):

@@ -7,6 +7,7 @@ accent stripping (й -> и, ё -> е: `strip_accents=None` follows `lowercase`);
 The Rust `tokenizers` library normalizes and splits each text; the truncation rule is applied here, on the two
 untruncated id lists, rather than by the library: for a pair it also builds every overflowing window of the cut-off
 text, ~60 extra encodings per TyDi passage at max_length 48, which made tokenizing ~4x slower and cost ~0.7 MB per pair.
+A long text is tokenized only as far as truncation can keep (`PairTokenizer.heads`), with the same ids.
 Whatever truncation and padding a `tokenizer.json` stores (the all-MiniLM one says "pad everything to 128") is
 ignored: transformers ignores it at call time too.
 """
@@ -18,6 +19,8 @@ from typing import NamedTuple
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
+from .checkpoint import CheckpointError, read_json
+
 # transformers' stand-in for "no limit" when tokenizer_config.json has no model_max_length
 NO_LIMIT = int(1e30)
 
@@ -25,7 +28,10 @@ NO_LIMIT = int(1e30)
 def build_from_vocab(vocab_file: Path, tokenizer_config: dict) -> Tokenizer:
     """A BERT WordPiece tokenizer from `vocab.txt` + `tokenizer_config.json`, as transformers' converter builds it."""
     vocab = {}
-    lines = vocab_file.read_text(encoding="utf-8").split("\n")
+    try:
+        lines = vocab_file.read_text(encoding="utf-8").split("\n")
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{vocab_file}: not UTF-8 text ({e})") from None
     for i, token in enumerate(lines[:-1] if lines[-1] == "" else lines):
         vocab[token] = i  # one token per line, the line number is the id (a later duplicate wins, as in transformers)
     unk, cls, sep = (tokenizer_config.get(k, d) for k, d in (("unk_token", "[UNK]"), ("cls_token", "[CLS]"), ("sep_token", "[SEP]")))
@@ -50,6 +56,12 @@ def build_from_vocab(vocab_file: Path, tokenizer_config: dict) -> Tokenizer:
 
 
 ENCODE_BATCH = 256  # pairs handed to the Rust tokenizer at a time: bounds the untruncated encodings held at once
+# Long texts are tokenized from a head of ~8 characters per token that truncation can keep (English wordpieces average
+# ~4-5 with the space), so memory does not grow with passage length (it took 3.2 GB for 1,024 passages of 100k
+# characters at max_length 64); a head that falls short is doubled until it holds enough.
+HEAD_CHARS_PER_TOKEN = 8
+HEAD_SLACK_CHARS = 100  # so that a small budget's head still holds a few long words
+COUNT_PIECE_CHARS = 1 << 16  # piece size when a long text's length must be counted
 
 
 class PairEncoding(NamedTuple):
@@ -89,20 +101,34 @@ class PairTokenizer:
             raise ValueError(f"the tokenizer's post-processor gives {specials.tokens} for an empty pair; a BERT pair "
                              "template [CLS] A [SEP] B [SEP] is expected")
         self.cls_id, self.sep_id = specials.ids[:2]
+        # A head of a text that ends at a space gives exactly the text's first tokens when the normalizer works
+        # character by character, no word spans a space and no added token holds one: true of BERT's normalizer and
+        # pre-tokenizer. Any other tokenizer gets whole texts.
+        self.cuttable = (isinstance(tokenizer.normalizer, (normalizers.BertNormalizer, type(None)))
+                         and isinstance(tokenizer.pre_tokenizer, pre_tokenizers.BertPreTokenizer)
+                         and not any(" " in t.content for t in tokenizer.get_added_tokens_decoder().values()))
 
     @classmethod
     def from_dir(cls, path: Path, max_length: int | None, max_position_embeddings: int) -> "PairTokenizer":
         """Load `tokenizer.json` (or build from `vocab.txt`); default max_length = min(model_max_length, positions)."""
         path = Path(path)
         config_file = path / "tokenizer_config.json"
-        config = json.loads(config_file.read_text(encoding="utf-8")) if config_file.exists() else {}
+        config = read_json(config_file) if config_file.exists() else {}
+        # special tokens may be stored as serialized AddedTokens: {"content": "[PAD]", "lstrip": false, ...}
+        config = {k: v["content"] if isinstance(v, dict) and "content" in v else v for k, v in config.items()}
         if (path / "tokenizer.json").exists():
-            tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+            try:
+                tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
+            except Exception as e:  # the library raises a bare Exception that does not name the file
+                raise CheckpointError(f"{path / 'tokenizer.json'}: not a valid tokenizer file ({e})") from None
         elif (path / "vocab.txt").exists():
             tokenizer = build_from_vocab(path / "vocab.txt", config)
         else:
             raise FileNotFoundError(f"{path}: no tokenizer.json and no vocab.txt")
-        limit = min(int(config.get("model_max_length") or NO_LIMIT), max_position_embeddings)
+        limit = config.get("model_max_length") or NO_LIMIT
+        if isinstance(limit, bool) or not isinstance(limit, (int, float)):
+            raise CheckpointError(f"{config_file}: model_max_length must be a number, got {json.dumps(limit)}")
+        limit = min(int(limit), max_position_embeddings)
         if max_length is None:
             max_length = limit
         elif max_length > max_position_embeddings:
@@ -114,17 +140,52 @@ class PairTokenizer:
         out = []
         budget = self.max_length - 3  # [CLS], [SEP], [SEP]
         cls, sep = [self.cls_id], [self.sep_id]
-        # encode_batch_fast (tokenizers >= 0.21) skips the character offsets, which nothing here reads
-        encode_batch = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
         for start in range(0, len(pairs), ENCODE_BATCH):
             chunk = pairs[start : start + ENCODE_BATCH]
-            queries = encode_batch([q for q, _ in chunk], add_special_tokens=False)
-            passages = encode_batch([p for _, p in chunk], add_special_tokens=False)
-            for q_enc, p_enc in zip(queries, passages):
-                q, p = q_enc.ids, p_enc.ids
-                a, b = longest_first(len(q), len(p), budget)
+            queries = self.heads([q for q, _ in chunk], budget)
+            passages = self.heads([p for _, p in chunk], budget)
+            for (query, passage), (q, q_whole), (p, p_whole) in zip(chunk, queries, passages):
+                n_q, n_p = len(q), len(p)
+                # A cut text is known to be longer than the budget, which fixes what LongestFirst keeps, except for
+                # an odd budget's last token when both texts exceed it: that goes to the longer one, so count them.
+                if budget % 2 and n_q > budget and n_p > budget:
+                    n_q = n_q if q_whole else self.count(query)
+                    n_p = n_p if p_whole else self.count(passage)
+                a, b = longest_first(n_q, n_p, budget)
                 out.append(PairEncoding(cls + q[:a] + sep + p[:b] + sep, [0] * (a + 2) + [1] * (b + 1)))
         return out
+
+    def heads(self, texts, budget: int) -> list[tuple[list, bool]]:
+        """(ids, whole) per text: the ids of the whole text, or (whole False) the first ids of a longer text, more
+        than `budget` of them, from a head of the text ending at a space (see HEAD_CHARS_PER_TOKEN)."""
+        chars = budget * HEAD_CHARS_PER_TOKEN + HEAD_SLACK_CHARS
+        heads = [self.head(t, chars) for t in texts]
+        out = []
+        # encode_batch_fast (tokenizers >= 0.21) skips the character offsets, which nothing here reads
+        encode_batch = getattr(self.tokenizer, "encode_batch_fast", self.tokenizer.encode_batch)
+        for text, head, enc in zip(texts, heads, encode_batch(heads, add_special_tokens=False)):
+            ids, n = enc.ids, chars
+            while len(ids) <= budget and len(head) < len(text):  # long words: fewer tokens than guessed, cut later
+                n *= 2
+                head = self.head(text, n)
+                ids = self.tokenizer.encode(head, add_special_tokens=False).ids
+            out.append((ids, len(head) == len(text)))
+        return out
+
+    def head(self, text: str, chars: int) -> str:
+        """`text` up to the first space at or after `chars` characters (all of it if shorter, without such a space,
+        or if this tokenizer cannot be cut)."""
+        end = text.find(" ", chars) + 1 if self.cuttable else 0
+        return text[:end] if end else text
+
+    def count(self, text: str) -> int:
+        """The number of tokens in `text`, tokenized in pieces ending at spaces: memory independent of its length."""
+        n, start = 0, 0
+        while start < len(text):
+            end = text.find(" ", start + COUNT_PIECE_CHARS) + 1 or len(text)
+            n += len(self.tokenizer.encode(text[start:end], add_special_tokens=False).ids)
+            start = end
+        return n
 
     def pad(self, encodings) -> dict:
         """Right-pad encodings to the longest one: input_ids, attention_mask, token_type_ids as int64 (B, T)."""

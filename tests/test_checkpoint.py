@@ -283,3 +283,46 @@ def test_default_activation(standin_dir, standin_config, tiny, tmp_path, new_key
     saved = json.loads((tmp_path / "resaved" / "config.json").read_text())
     assert saved["sentence_transformers"]["activation_fn"] == expected and "sbert_ce_default_activation_function" not in saved
     assert CrossEncoder.from_pretrained(tmp_path / "resaved", device="cpu").activation == expected
+
+
+def test_softmax_activation_is_per_pair(standin_dir, standin_config, tiny, tmp_path):
+    """A Softmax from config.json sees each pair's one logit (sentence-transformers applies the activation to (N, 1)
+    rows), so every score is 1.0 whatever the other pairs of the call, not a distribution over the call's pairs."""
+    config = dict(standin_config, sentence_transformers={"activation_fn": "torch.nn.modules.activation.Softmax"})
+    model = CrossEncoder.from_pretrained(make_variant(standin_dir, tmp_path / "softmax", config=config), device="cpu")
+    pairs, _ = tiny
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Softmax() without dim warns, in sentence-transformers too
+        scores = model.predict(pairs)
+        assert scores.tolist() == [1.0] * len(pairs)
+        assert model.predict(pairs[0]) == 1.0
+        assert [r["score"] for r in model.rank(pairs[0][0], [p for _, p in pairs])] == [1.0] * len(pairs)
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["torch.Tensor", "torch.nn.modules.activation.Tensor", "torch.nn.modules.linear.Linear",
+     "torch.nn.modules.module.Module", "torch.nn.modules.no_such.Thing", "torch.nn.functional.relu", "os.system",
+     "builtins.print", 42],
+)
+def test_activation_from_config_json_must_be_a_torch_nn_module_class(standin_dir, standin_config, tiny, tmp_path, path):
+    """config.json names code to run: only a module class of torch.nn.modules that maps logits to scores is
+    instantiated; anything else is warned of at load time and the default (Sigmoid) used, never a traceback later."""
+    config = dict(standin_config, sbert_ce_default_activation_function=path)
+    with pytest.warns(UserWarning, match=r"config\.json: activation .*using Sigmoid instead"):
+        model = CrossEncoder.from_pretrained(make_variant(standin_dir, tmp_path / "act", config=config), device="cpu")
+    assert model.activation == SIGMOID
+    pairs, gold = tiny
+    assert max_diff(model.predict(pairs), 1 / (1 + np.exp(-gold))) <= TOL
+    if isinstance(path, str):  # the same paths from the caller: refused outright
+        with pytest.raises(ValueError, match="activation"):
+            model.predict(pairs, activation=path)
+
+
+def test_activation_by_short_torch_nn_path(standin_dir, standin_config, tiny, tmp_path):
+    """`torch.nn.Tanh` names the class torch.nn.modules.activation.Tanh: accepted, from config.json and from callers."""
+    config = dict(standin_config, sbert_ce_default_activation_function="torch.nn.Tanh")
+    model = CrossEncoder.from_pretrained(make_variant(standin_dir, tmp_path / "tanh", config=config), device="cpu")
+    pairs, gold = tiny
+    assert model.activation == "torch.nn.Tanh" and max_diff(model.predict(pairs), np.tanh(gold)) <= TOL
+    assert max_diff(model.predict(pairs, activation="torch.nn.modules.activation.Tanh"), np.tanh(gold)) <= TOL

@@ -2,11 +2,18 @@
 
 huggingface_hub reads HF_HUB_CACHE / HF_HUB_OFFLINE into `huggingface_hub.constants` when it is first imported
 (true for 0.2x/0.3x and for 1.x/2.x), so setting the environment variables is not enough once it is imported: the
-fixture patches both the environment and the constants. Nothing here touches the network."""
+fixture patches both the environment and the constants. Nothing here touches the network: the tests of an unreachable
+Hub point HF_ENDPOINT at a closed port of this machine."""
 
 import hashlib
+import json
 import os
 import re
+import socket
+import subprocess
+import sys
+
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -139,3 +146,44 @@ def test_name_under_weights(hub_cache, standin_dir, short, tmp_path, monkeypatch
     for name in (str(tmp_path / "no" / "such" / "my-reranker"), "./my-reranker", "a/b/my-reranker"):
         with pytest.raises(CheckpointError, match="no such directory"):
             CrossEncoder.from_pretrained(name, device="cpu")
+
+
+LOAD_IN_A_FRESH_PROCESS = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+from minilm import CrossEncoder
+from minilm.checkpoint import CheckpointError
+start = time.perf_counter()
+try:
+    source, error = str(CrossEncoder.from_pretrained(sys.argv[2], device="cpu").source_dir), None
+except CheckpointError as e:
+    source, error = None, str(e)
+print(json.dumps({"seconds": time.perf_counter() - start, "source": source, "error": error}))
+"""
+
+
+def load_with_unreachable_hub(hf_home, name) -> dict:
+    """from_pretrained(name) in a fresh process (huggingface_hub reads its settings on import) whose Hub endpoint is
+    a closed port on this machine and whose cache is `hf_home`, online (no HF_HUB_OFFLINE) and without proxies."""
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if not k.upper().startswith(("HF_", "HUGGINGFACE")) and "PROXY" not in k.upper()}
+    env.update(HF_HOME=str(hf_home), HF_ENDPOINT=f"http://127.0.0.1:{port}")
+    repo = str(Path(minilm.checkpoint.__file__).resolve().parent.parent)
+    done = subprocess.run([sys.executable, "-c", LOAD_IN_A_FRESH_PROCESS, repo, name], env=env, capture_output=True,
+                          text=True, timeout=60)  # huggingface_hub alone retried for ~25 s per file
+    return json.loads(done.stdout.splitlines()[-1])
+
+
+def test_unreachable_hub_fails_fast_for_a_model_not_in_the_cache(tmp_path):
+    result = load_with_unreachable_hub(tmp_path / "hf_home", "org/absent-model")
+    assert result["seconds"] < 5, result
+    assert "not in the Hugging Face cache" in result["error"] and "could not be reached" in result["error"]
+
+
+def test_unreachable_hub_still_loads_from_the_cache(tmp_path, standin_dir):
+    snapshot = lay_out(tmp_path / "hf_home" / "hub", REPO_ID, MAIN, standin_dir)
+    result = load_with_unreachable_hub(tmp_path / "hf_home", REPO_ID)
+    assert result["seconds"] < 5, result
+    assert result["error"] is None and Path(result["source"]).resolve() == snapshot.resolve()

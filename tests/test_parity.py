@@ -82,6 +82,68 @@ def test_truncation_matches_the_tokenizers_library(standin_dir, raw_tokenizer, g
     assert sum(len(ids) == max_length for ids in expected) >= 10  # truncation was actually exercised
 
 
+def long_texts(golden_pairs) -> dict:
+    """Texts of 1k to 100k characters that tokenizing a head of must not change: every golden text, a first word
+    longer than a head, long [UNK] words, no space at all, literal specials, accents split from their letters."""
+    prose = " ".join(t for pair in golden_pairs for t in pair)
+    return {
+        "prose": (prose * (100_000 // len(prose) + 1))[:100_000],
+        "prose_1k": prose[:1_000],
+        "long_first_word": "x" * 5_000 + " " + prose[:20_000],
+        "unk_words": " ".join(["y" * 150] * 300),  # one [UNK] per 151 characters: the first head is too short
+        "no_space": "\u4e2d\u6587" * 10_000 + "ab\tcd\u00a0ef" * 1_000,
+        "specials": "[SEP] [CLS][MASK] [SE P] " * 2_000,
+        "accents": "e\u0301 \u0301e caf\u00e9  \t\n \u0130stanbul \u00c5ngstr\u00f6m " * 1_000,
+    }
+
+
+@pytest.mark.parametrize("max_length", [64, 65, 512])
+def test_long_texts_give_the_ids_of_the_whole_text(standin_dir, raw_tokenizer, golden_pairs, max_length):
+    """Only a head of a long text is tokenized; the ids are those of the whole text truncated longest-first (the rule
+    checked against the tokenizers library above, whose own pair truncation takes gigabytes here), also when both
+    texts are long: an odd budget's last token goes to the longer one (max_length 64 has an odd budget)."""
+    tokenizer = PairTokenizer.from_dir(standin_dir, max_length, 512)
+    texts = long_texts(golden_pairs)
+    short = golden_pairs[0][0]
+    pairs = [(short, t) for t in texts.values()] + [(t, short) for t in texts.values()]
+    pairs += [(a[:12_000], b[:12_000]) for a in texts.values() for b in texts.values()]
+    pairs += [(texts["prose"][:n], texts["prose"][:m]) for n, m in ((12_000, 12_004), (12_004, 12_000), (12_000, 12_000))]
+    budget = max_length - 3
+    expected = []
+    for query, passage in pairs:
+        q, p = (raw_tokenizer.encode(t, add_special_tokens=False).ids for t in (query, passage))
+        a, b = longest_first(len(q), len(p), budget)
+        expected.append([101] + q[:a] + [102] + p[:b] + [102])
+    assert [e.ids for e in tokenizer.encode(pairs)] == expected
+
+
+class LengthSpy:
+    """Forwards encoding calls to a tokenizers.Tokenizer and records the longest text it was given."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.longest = tokenizer, 0
+
+    def encode(self, text, **kwargs):
+        self.longest = max(self.longest, len(text))
+        return self.tokenizer.encode(text, **kwargs)
+
+    def encode_batch_fast(self, texts, **kwargs):
+        self.longest = max([self.longest] + [len(t) for t in texts])
+        return self.tokenizer.encode_batch_fast(texts, **kwargs)
+
+    encode_batch = encode_batch_fast  # whichever the code under test calls
+
+
+def test_long_passages_are_tokenized_only_as_far_as_truncation_keeps(standin_dir, golden_pairs):
+    """Memory must not grow with passage length: 100k-character passages reach the Rust tokenizer as ~600-character
+    heads at max_length 64 (whole, they made 1,024 rows peak at 3.2 GB)."""
+    tokenizer = PairTokenizer.from_dir(standin_dir, 64, 512)
+    whole = [e.ids for e in tokenizer.encode([("a query", long_texts(golden_pairs)["prose"])])]
+    tokenizer.tokenizer = spy = LengthSpy(tokenizer.tokenizer)
+    assert [e.ids for e in tokenizer.encode([("a query", long_texts(golden_pairs)["prose"])])] == whole
+    assert 61 * 8 <= spy.longest <= 61 * 8 + 200
+
+
 @pytest.mark.parametrize(
     "lengths, expected",
     # content lengths (query, passage) -> after truncation to 512 tokens; verified against tokenizers 0.22 (semantics.md §3)
@@ -194,6 +256,17 @@ def test_rank_matches_golden(standin_model, golden, index):
                              batch_size=record["batch_size"])
     assert [r["corpus_id"] for r in top] == [r["corpus_id"] for r in results[:2]]
     assert [r["text"] for r in top] == [record["documents"][r["corpus_id"]] for r in top]
+
+
+def test_rank_refuses_what_it_would_get_silently_wrong(standin_model):
+    """top_k=-1 would drop the last document (results[:-1]) and a str would be scored letter by letter."""
+    documents = ["Paris is in France.", "Bananas are yellow.", "Berlin is in Germany."]
+    assert len(standin_model.rank("where is paris", documents, top_k=3)) == 3
+    for top_k in (-1, 0):
+        with pytest.raises(ValueError, match=f"top_k must be at least 1 .*got {top_k}"):
+            standin_model.rank("where is paris", documents, top_k=top_k)
+    with pytest.raises(TypeError, match="documents must be a list of strings, got one string"):
+        standin_model.rank("where is paris", "abc")
 
 
 def test_score_logits_outside_inference_mode(standin_model, golden, golden_pairs, short_indices):
