@@ -61,6 +61,7 @@ from minilm.checkpoint import CheckpointError, atomic_write, fsync, write_json, 
 from minilm.crossencoder import CrossEncoder
 from minilm.data import DataError, fingerprint, read_pairs
 from minilm.evaluate import evaluate, format_metrics
+from minilm.metrics import RELEVANT, has_relevant
 from minilm.plot import line_chart_svg
 from minilm.unpadded import Unpadded, pack
 
@@ -213,6 +214,8 @@ try:  # every row of both files is checked before anything is loaded or written
     eval_pairs = read_pairs(cfg.eval, require_label=True) if cfg.eval else []
 except DataError as e:
     die(e)
+if eval_pairs and not has_relevant(p.label for p in eval_pairs):
+    die(f"--eval {cfg.eval}: no query has a relevant passage (label >= {RELEVANT}): nothing to rank")
 N = len(train_pairs)
 steps_per_epoch = math.ceil(N / cfg.batch_size)
 total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch

@@ -21,7 +21,7 @@ from .tokenizer import PairTokenizer
 IDENTITY = "torch.nn.modules.linear.Identity"
 SIGMOID = "torch.nn.modules.activation.Sigmoid"
 # Padded tokens per forward pass. CPUs want batches whose activations stay in cache and get recycled by the allocator
-# (a 16,384-token batch is ~1.5x slower per pair here); GPUs want big batches to fill the device.
+# rather than page-faulted in fresh on every op; GPUs want big batches to fill the device.
 BATCH_TOKENS = {"cpu": 2048, "cuda": 65536}
 
 

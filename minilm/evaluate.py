@@ -15,7 +15,7 @@ import torch
 from .checkpoint import CheckpointError
 from .crossencoder import CrossEncoder
 from .data import DataError, read_pairs
-from .metrics import rerank_metrics
+from .metrics import RELEVANT, has_relevant, rerank_metrics
 
 
 def evaluate(ce, pairs, batch_size: int = 32) -> dict:
@@ -49,6 +49,8 @@ def main(argv=None):
         pairs = read_pairs(args.data, require_label=True)
     except DataError as e:
         parser.exit(2, f"error: {e}\n")
+    if not has_relevant(p.label for p in pairs):
+        parser.exit(2, f"error: {args.data}: no query has a relevant passage (label >= {RELEVANT}): nothing to rank\n")
     try:
         ce = CrossEncoder.from_pretrained(args.model, device=args.device, max_length=args.max_length)
     except (CheckpointError, ValueError, OSError) as e:

@@ -11,6 +11,11 @@ import numpy as np
 RELEVANT = 0.5
 
 
+def has_relevant(labels) -> bool:
+    """Whether any query can be scored: MRR and NDCG are undefined without a relevant candidate."""
+    return any(label >= RELEVANT for label in labels)
+
+
 def mrr_at_k(ranked_labels: np.ndarray, k: int = 10) -> float:
     hits = np.flatnonzero(ranked_labels[:k] >= RELEVANT)
     return 1.0 / (hits[0] + 1) if hits.size else 0.0

@@ -6,7 +6,7 @@ accent stripping (й -> и, ё -> е: `strip_accents=None` follows `lowercase`);
 
 The Rust `tokenizers` library normalizes and splits each text; the truncation rule is applied here, on the two
 untruncated id lists, rather than by the library: for a pair it also builds every overflowing window of the cut-off
-text, ~60 extra encodings per TyDi passage at max_length 48, which made tokenizing ~4x slower and cost ~0.7 MB per pair.
+text, a cost that grows with the passage and that nothing here reads (measurements: docs/performance.md).
 A long text is tokenized only as far as truncation can keep (`PairTokenizer.heads`), with the same ids.
 Whatever truncation and padding a `tokenizer.json` stores (the all-MiniLM one says "pad everything to 128") is
 ignored: transformers ignores it at call time too.

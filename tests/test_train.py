@@ -311,6 +311,16 @@ def test_resume_from_a_damaged_checkpoint_exits_2(run, standin_dir, tmp_path, tr
     assert code == 2 and str(ckpt) in err and len(err.strip().splitlines()) == 1, err
 
 
+def test_eval_data_without_a_relevant_passage_exits_2(tmp_path, train_inprocess, capsys):
+    (tmp_path / "t.jsonl").write_text(GOOD)
+    (tmp_path / "e.jsonl").write_text(GOOD.replace('"label": 1', '"label": 0') * 3)
+    code, err = train_inprocess("--train", tmp_path / "t.jsonl", "--eval", tmp_path / "e.jsonl", "--output", tmp_path / "o")
+    assert code == 2 and "e.jsonl: no query has a relevant passage" in err, err
+    with pytest.raises(SystemExit) as e:
+        evaluate_main(["--model", "unused", "--data", str(tmp_path / "e.jsonl")])
+    assert e.value.code == 2 and "no query has a relevant passage" in capsys.readouterr().err
+
+
 def test_output_that_is_a_file_exits_2(tmp_path, train_inprocess):
     (tmp_path / "t.jsonl").write_text(GOOD)
     (tmp_path / "out").write_text("not a folder")
