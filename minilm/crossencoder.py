@@ -105,7 +105,6 @@ class CrossEncoder:
         self.source_dir = source_dir  # tokenizer files are copied from here by save_pretrained
         self.activation = default_activation(hf_config)
         self.precision = precision  # "fp32", or what minilm.precision converted the model to: "bf16", "fp16", "int8"
-        self.max_batch_tokens = BATCH_TOKENS.get(self.device.type, BATCH_TOKENS["cuda"])
 
     @classmethod
     def from_pretrained(cls, name_or_path, *, revision=None, device=None, dtype=None, max_length=None,
@@ -138,7 +137,6 @@ class CrossEncoder:
             raise ValueError(f"this model was converted to {self.precision} on {self.device}; load it again with "
                              f"device={str(device)!r} to use it there")
         self.model.to(device)
-        self.max_batch_tokens = BATCH_TOKENS.get(device.type, BATCH_TOKENS["cuda"])
         return self
 
     @property
@@ -148,6 +146,10 @@ class CrossEncoder:
     @property
     def max_length(self) -> int:
         return self.tokenizer.max_length
+
+    @property
+    def max_batch_tokens(self) -> int:
+        return BATCH_TOKENS.get(self.device.type, BATCH_TOKENS["cuda"])
 
     @torch.inference_mode()
     def predict(self, pairs, batch_size: int = 32, activation=None, show_progress_bar: bool | None = None,

@@ -1,15 +1,9 @@
-"""Everything that is not fp32: choosing a precision, converting a model to it, and running it.
+"""Everything that is not fp32: choosing a precision, converting a model to it, running it.
 
-The policy, in one place:
-  * bf16 / fp16: layers 1..N-1 run under torch.autocast with their Linears' weights stored in that dtype; the residual
-    stream, LayerNorms and embeddings stay fp32 (autocast keeps them so), and the head (the last layer, the pooler and
-    the classifier, `CrossEncoderModel.head`) runs in fp32. The last layer is where rounding moves a logit most, and
-    with [CLS]-only scoring it is ~3% of the FLOPs; a bf16 logit would also be rounded to 1/64 near 4, more than the
-    gap between close passages.
-  * On a CPU, those bf16 Linears are pre-packed for oneDNN once, with GELU fused into the FFN's first matmul
-    (`PackedLinear`; `packed=False` keeps plain nn.Linear under autocast, for study).
-  * int8: dynamic quantization of the same Linears (CPU only); no autocast.
-Measurements behind these choices: docs/performance.md.
+bf16 / fp16: layers 1..N-1 run under torch.autocast with their Linears stored in that dtype (on a CPU, bf16 ones are
+pre-packed for oneDNN with GELU fused); the residual stream, LayerNorms and embeddings stay fp32, and so does the head
+(`CrossEncoderModel.head`: last layer, pooler, classifier), where rounding would move a logit most for ~3% of the
+FLOPs. int8: dynamic quantization of the same Linears, CPU only. Measurements behind these choices: docs/performance.md.
 """
 
 import warnings
@@ -77,12 +71,9 @@ def logits(model, inputs: dict, precision: str) -> torch.Tensor:
 
 
 def quantize_int8(model: nn.Module, names: set[str]) -> nn.Module:
-    """Dynamic int8 quantization of the named Linears: int8 weights with one scale per output row, activations
-    quantized at run time with one scale per call (fbgemm's dynamic Linear).
-
-    torch.ao.quantization is deprecated in favour of the separate torchao package, which we do not depend on. Its
-    fbgemm dynamic Linear rescales inside the GEMM, which a Linear built on torch._int_mm cannot (it was slower), so
-    it is used with its deprecation notices silenced, and refused with a clear message once torch has removed it."""
+    """Dynamic int8 quantization (fbgemm) of the named Linears: weights with one scale per output row, activations
+    with one scale per call. torch.ao.quantization is deprecated (for the separate torchao package, not a dependency):
+    its notices are silenced here, and int8 is refused with a clear message once torch has removed it."""
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"torch\.ao\.quantization is deprecated")
         warnings.filterwarnings("ignore", message=r"torch\.quantize_per_tensor, torch\.quantize_per_channel")
@@ -91,15 +82,12 @@ def quantize_int8(model: nn.Module, names: set[str]) -> nn.Module:
         except ImportError:
             raise ValueError(f"dtype int8 needs torch.ao.quantization.quantize_dynamic, which torch {torch.__version__} "
                              "no longer has; use fp32 or bf16") from None
-        # one weight scale per output row, not per matrix: int8 then ranks much closer to fp32 at the same speed
         return quantize_dynamic(model, {name: per_channel_dynamic_qconfig for name in names}, dtype=torch.qint8)
 
 
 # --------------------------------------------------------------------------------------------- CPU bf16 packing
-# Under autocast a bf16 nn.Linear on the CPU casts its input, reorders its weight into oneDNN's blocked layout on every
-# call, copies the bias into the output and runs GELU as a separate pass over the (T, 1536) activations. PackedLinear
-# does the reorder once, and asks oneDNN for bias and exact-erf GELU in the matmul's own epilogue (computed on the fp32
-# accumulator, rounded to bf16 once): the same math as F.gelu(F.linear(x, W, b)) in bf16.
+# A bf16 nn.Linear under autocast on the CPU reorders its weight into oneDNN's layout on every call and runs GELU as
+# a separate pass; PackedLinear reorders once and fuses bias and exact-erf GELU into the matmul's epilogue.
 
 def packing_available() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
