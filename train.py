@@ -8,24 +8,30 @@
 Options are `--key value` or `--key=value` for every field of TrainConfig below (`--help` lists them); their types are
 checked and unknown keys are refused (exit status 2, like bad data).
 
-This is the loop that sentence-transformers 5.1.0's CrossEncoderTrainer runs (transformers 4.56 Trainer, accelerate
-1.10) for the target model card, written out: on CPU in fp32 it reproduces the trainer's per-step losses, learning
-rates, gradient norms and final weights bit for bit (tests/test_train.py). What has to match, and why:
+Two loops share this script. `--exact true` is the loop that sentence-transformers 5.1.0's CrossEncoderTrainer runs
+(transformers 4.56 Trainer, accelerate 1.10) for the target model card, written out: on CPU in fp32 it reproduces the
+trainer's per-step losses, learning rates, gradient norms and final weights bit for bit (tests/test_train.py). What
+has to match, and why:
   * global RNGs seeded AFTER the model is loaded (the Trainer's set_seed runs in its __init__);
   * epoch e visits the rows in the order torch.randperm(N) gives with a fresh generator seeded seed + e (accelerate's
     SeedableRandomSampler), in consecutive batches, the last partial batch kept;
   * every epoch the DataLoader draws a base seed from the global CPU generator; on CPU the dropout masks come from that
     generator, so the draw is repeated here;
-  * AdamW without fused/foreach arguments, two parameter groups (no weight decay on biases and LayerNorms), a linear
-    LambdaLR schedule stepped only when the fp16 GradScaler did not skip the step, clipping after unscaling;
+  * AdamW without fused/foreach arguments, two parameter groups (no weight decay on biases and LayerNorms), the lr of
+    a linear LambdaLR schedule that advances only when the fp16 GradScaler did not skip the step, clipping after
+    unscaling;
   * the logged loss is an fp32 tensor sum over the interval divided by its length.
 Sources: transformers/trainer.py (_inner_training_loop, create_optimizer), transformers/optimization.py,
 accelerate/data_loader.py (SeedableRandomSampler), torch/utils/data/dataloader.py (_BaseDataLoaderIter).
+The default, `--exact false`, keeps that recipe and changes how it is computed: batches packed without padding and
+cheaper dropout masks (minilm/unpadded.py), fused AdamW, no host sync per step, bf16 on CPUs with native bf16
+(docs/training.md).
 
 Outputs in --output: the model in Hugging Face format (loads in minilm, sentence-transformers and transformers) with
 a README.md model card, log.jsonl (one record per --log-every steps at full precision, plus evaluations and the final
-totals), loss.svg, and checkpoint-STEP/ folders every --save-every steps: model, optimizer, scheduler, GradScaler,
-every RNG state and the position in the epoch, so that --resume ends with exactly the weights of an uninterrupted run.
+totals), loss.svg, and checkpoint-STEP/ folders every --save-every steps: model, optimizer, GradScaler, the schedule's
+position, every RNG state and the position in the epoch, so that --resume ends with exactly the weights of an
+uninterrupted run.
 A checkpoint folder is written under a temporary name and renamed when complete.
 
 DDP (torchrun): --batch-size stays the GLOBAL batch. Every rank builds the same per-epoch permutation and the same
@@ -120,7 +126,7 @@ def parse_config(argv) -> TrainConfig:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(TrainConfig):
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=parse_bool if f.type is bool else f.type,
-                            default=f.default, metavar=METAVARS[f.type], help=f"{f.metadata['help']} (default: {f.default!r})")
+                            default=f.default, metavar=METAVARS[f.type], help=f"{f.metadata['help']} (default: {str(f.default).lower() if f.type is bool else repr(f.default)})")
     # --batch_size as well as --batch-size, as Hugging Face's argument parser accepts
     argv = [a.split("=", 1)[0].replace("_", "-") + a[len(a.split("=", 1)[0]):] if a.startswith("--") else a for a in argv]
     cfg = TrainConfig(**vars(parser.parse_args(argv)))
