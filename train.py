@@ -90,7 +90,7 @@ class TrainConfig:
     max_grad_norm: float = option(1.0, "clip the global gradient 2-norm; inf disables clipping")
     seed: int = option(42, "seeds the epoch permutations (seed + epoch), dropout and the head's init")
     precision: str = option("auto", "auto: fp16 on CUDA (the card's); on a CPU bf16 in the fast loop where the CPU has "
-                                     "native bf16 (AVX512-BF16/AMX: ~1.6x the speed of fp32 there), else fp32. Or fp32, "
+                                     "native bf16 (AVX512-BF16/AMX: ~1.8x the speed of fp32 there), else fp32. Or fp32, "
                                      "fp16 (autocast + GradScaler; CUDA only), bf16 (autocast; CUDA or native-bf16 CPUs)")
     max_length: int = option(0, "tokens per pair including [CLS] and 2x[SEP]; 0 = the checkpoint's (512)")
     log_every: int = option(500, "log the mean loss every N steps (and the rest at the end)")
