@@ -111,9 +111,8 @@ class CrossEncoder:
                         packed: bool = True) -> "CrossEncoder":
         """Load a local directory, a name under weights/, or a Hugging Face Hub id (see `minilm.checkpoint`).
 
-        device: "cpu", "cuda", ... (default: cuda when available, cpu for int8). dtype: fp32 (default, exact), or
-        "bf16" / "fp16" / "int8" for speed (see minilm.precision; `packed=False` keeps plain Linears for CPU bf16).
-        max_length: tokens per pair including specials (default 512)."""
+        device: default cuda when available, cpu for int8. dtype: fp32 (default, exact), "bf16", "fp16", "int8" (see
+        minilm.precision; `packed=False`: plain Linears for CPU bf16). max_length: tokens per pair (default 512)."""
         precision = precisions.parse(dtype)
         if device is None:
             device = "cuda" if torch.cuda.is_available() and precision != "int8" else "cpu"  # int8 runs on CPUs only
@@ -130,8 +129,7 @@ class CrossEncoder:
         return cls(model, tokenizer, hf_config, folder, precision)
 
     def to(self, device) -> "CrossEncoder":
-        """Move the model to `device`, as nn.Module.to does. A model converted to reduced precision stays where it was
-        converted (its packed or quantized weights are made for that device): load it again with `device=`."""
+        """Move the model to `device`, as nn.Module.to does (a converted model's weights are made for its device)."""
         device = torch.device(device)
         if device != self.device and self.precision != "fp32":
             raise ValueError(f"this model was converted to {self.precision} on {self.device}; load it again with "

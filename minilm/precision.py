@@ -49,23 +49,20 @@ def convert(model, precision: str, packed: bool = True):
     device = next(model.parameters()).device
     check(precision, device)
     trunk = model.layers[:-1]
-    linears = {name: m for name, m in trunk.named_modules() if isinstance(m, nn.Linear)}
+    linears = {f"bert.encoder.layer.{name}": m for name, m in trunk.named_modules() if isinstance(m, nn.Linear)}
     if precision == "int8":
-        prefix = "bert.encoder.layer."
-        return quantize_int8(model, {prefix + name for name in linears})
-    if precision in AUTOCAST:
-        for linear in linears.values():
-            linear.to(AUTOCAST[precision])
-        if packed and device.type == "cpu" and precision == "bf16" and packing_available():
-            pack_layers(trunk)
+        return quantize_int8(model, set(linears))
+    for linear in linears.values() if precision in AUTOCAST else ():
+        linear.to(AUTOCAST[precision])
+    if packed and device.type == "cpu" and precision == "bf16" and hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        pack_layers(trunk)
     return model.eval()
 
 
 def logits(model, inputs: dict, precision: str) -> torch.Tensor:
     """fp32 logits (B,): the trunk under autocast for bf16 / fp16, the head in fp32."""
     dtype = AUTOCAST.get(precision)
-    device_type = inputs["input_ids"].device.type
-    with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
+    with torch.autocast(inputs["input_ids"].device.type, dtype=dtype, enabled=dtype is not None):
         x, bias = model.trunk(**inputs)
     return model.head(x.float(), bias)
 
@@ -88,10 +85,6 @@ def quantize_int8(model: nn.Module, names: set[str]) -> nn.Module:
 # --------------------------------------------------------------------------------------------- CPU bf16 packing
 # A bf16 nn.Linear under autocast on the CPU reorders its weight into oneDNN's layout on every call and runs GELU as
 # a separate pass; PackedLinear reorders once and fuses bias and exact-erf GELU into the matmul's epilogue.
-
-def packing_available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
 
 class PackedLinear(nn.Module):
     """y = x W^T + b, or gelu(x W^T + b) with `gelu=True`, in bf16; the weight pre-packed for oneDNN. Inference only."""
