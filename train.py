@@ -166,7 +166,15 @@ def read_state(ckpt) -> dict:
     return state if isinstance(state, dict) else {}
 
 
+def on_os_error(kind, error, traceback):
+    """A full disk or a vanished folder while logging or saving: one line, not a traceback (exit status 1)."""
+    if not issubclass(kind, OSError):
+        return sys.__excepthook__(kind, error, traceback)
+    print(f"train.py: error: {error}", file=sys.stderr)
+
+
 cfg = parse_config(sys.argv[1:])
+sys.excepthook = on_os_error
 signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # like Ctrl-C: unwind, so no temporary file is left behind
 out = Path(cfg.output)
 if out.exists() and not out.is_dir():

@@ -265,7 +265,11 @@ def write_json(path: Path, obj) -> None:
 
 
 def save_weights(path: Path, model: torch.nn.Module) -> None:
+    from safetensors import SafetensorError
     from safetensors.torch import save_file
 
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    try:
+        atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
+    except SafetensorError as e:  # "No space left on device" and other I/O errors, which callers handle as OSError
+        raise OSError(f"{path}: {e}") from None
