@@ -348,12 +348,13 @@ def ddp_worker(rank, world, port, argv, out):
     Path(out, f"rank{rank}.json").write_text(json.dumps(weights_fingerprint(script["model"].state_dict())))
 
 
-def test_ddp_gloo_two_processes(standin_dir, tmp_path):
+@pytest.mark.parametrize("exact", ["true", "false"])
+def test_ddp_gloo_two_processes(standin_dir, tmp_path, exact):
     """2 CPU ranks on 9 pairs in global batches of 8: rows 0-3 / 4-7, then a 1-row batch that rank 0 sits out."""
     data = tmp_path / "nine.jsonl"
     data.write_text("".join(PAIRS.read_text(encoding="utf-8").splitlines(keepends=True)[:9]), encoding="utf-8")
     argv = ["--model", standin_dir, "--train", data, "--batch-size", 8, "--max-steps", 3, "--max-length", 32,
-            "--device", "cpu", "--log-every", 1]
+            "--device", "cpu", "--log-every", 1, "--exact", exact]
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
