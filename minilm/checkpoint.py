@@ -78,7 +78,7 @@ def _from_hub(repo_id: str, revision: str | None) -> Path:
 
     how_to = (
         f"To use a local copy, pass its directory (--model /path/to/dir), or put it under weights/, e.g. "
-        f"`hf download {repo_id} --local-dir weights/{repo_id.split('/')[-1]}` on a machine with internet access."
+        f"`hf download {repo_id} --local-dir weights/{repo_id}` on a machine with internet access."
     )
     try:
         config = fetch("config.json")
