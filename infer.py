@@ -204,7 +204,7 @@ def preview(text: str, width: int) -> str:
 # ------------------------------------------------------------------------------------------------------- file mode
 
 def score_file(args) -> int:
-    from minilm.data import DataError, detect_format, iter_pairs
+    from minilm.data import detect_format, iter_pairs
 
     fmt = detect_format(args.input, args.format)
     check_output(args.output, fmt)

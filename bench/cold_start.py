@@ -13,7 +13,6 @@ import importlib.util
 import statistics
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -47,12 +46,10 @@ def main():
     ap.add_argument("--model", help="checkpoint directory (default: build the stand-in in a temp dir)")
     ap.add_argument("--runs", type=int, default=5)
     args = ap.parse_args()
-    model = args.model
-    if model is None:
-        sys.path.insert(0, str(REPO / "tests"))
-        from standin import build_standin
+    sys.path.insert(0, str(REPO / "tests"))
+    from standin import model_or_standin
 
-        model = str(build_standin(Path(tempfile.mkdtemp()) / "standin"))
+    model = model_or_standin(args.model)
 
     rows = {
         "minilm infer.py": [sys.executable, str(REPO / "infer.py"), "--model", model, "--quiet", QUERY, PASSAGE],

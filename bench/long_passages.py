@@ -51,11 +51,9 @@ def main():
         return child(args.model, *args.child, args.max_length)
 
     with tempfile.TemporaryDirectory() as tmp:
-        model = args.model
-        if model is None:
-            from standin import build_standin
+        from standin import model_or_standin
 
-            model = str(build_standin(Path(tmp) / "standin"))
+        model = model_or_standin(args.model, tmp)
         print(f"`python bench/long_passages.py --cases {args.cases} --max-length {args.max_length}`, "
               f"model {args.model or 'stand-in'}, fp32 CPU\n")
         print("| rows x characters | peak RSS (MiB) | of which the passages (MiB) | predict seconds |")

@@ -69,11 +69,9 @@ def main():
 
     from minilm import CrossEncoder
 
-    model_dir = args.model
-    if model_dir is None:
-        from standin import build_standin
+    from standin import model_or_standin
 
-        model_dir = str(build_standin(Path(tempfile.mkdtemp()) / "standin"))
+    model_dir = model_or_standin(args.model)
     pairs = bench_pairs(args.pairs)
     fp32 = CrossEncoder.from_pretrained(model_dir, device=args.device)
     lengths = [len(e.ids) for e in fp32.tokenizer.encode(pairs)]

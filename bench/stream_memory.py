@@ -74,11 +74,9 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        model = args.model
-        if model is None:
-            from standin import build_standin
+        from standin import model_or_standin
 
-            model = str(build_standin(workdir / "standin"))
+        model = model_or_standin(args.model, workdir)
         print(f"infer.py file mode, {args.dtype}, max_length {args.max_length}, model {args.model or 'stand-in'}\n")
         print("| pairs | peak RSS (MiB) | peak RSS, last half of the run (MiB) | pairs/s (incl. start-up) |")
         print("|---|---|---|---|")

@@ -118,11 +118,9 @@ def main():
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
-    model = args.model
-    if model is None:
-        from standin import build_standin
+    from standin import model_or_standin
 
-        model = str(build_standin(tmp / "standin"))
+    model = model_or_standin(args.model, tmp)
     rows = labelled_pairs(args.pairs)
     train_file = tmp / "train.jsonl"
     train_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")

@@ -9,7 +9,6 @@ each with dropout on; plus the cost per element of torch's dropout mask (`bernou
 import argparse
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -30,11 +29,9 @@ def main():
     from minilm import CrossEncoder
     from minilm.unpadded import Unpadded, drop_mask, pack
 
-    model_dir = args.model
-    if model_dir is None:
-        from standin import build_standin
+    from standin import model_or_standin
 
-        model_dir = str(build_standin(Path(tempfile.mkdtemp()) / "standin"))
+    model_dir = model_or_standin(args.model)
     ce = CrossEncoder.from_pretrained(model_dir, device="cpu")
     encodings = ce.tokenizer.encode(bench_pairs(16, seed=1))
     lengths = [len(e.ids) for e in encodings]

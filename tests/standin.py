@@ -57,3 +57,12 @@ def build_standin(out_dir) -> Path:
     for name in TOKENIZER_FILES:
         shutil.copyfile(src / name, out_dir / name)
     return out_dir
+
+
+def model_or_standin(model: str | None, folder=None) -> str:
+    """`model` if one is given, else the stand-in built in `folder` (default: a new temporary one): bench/'s default."""
+    if model:
+        return model
+    import tempfile
+
+    return str(build_standin(Path(folder or tempfile.mkdtemp()) / "standin"))
