@@ -12,7 +12,7 @@ pairs/s (best round), the ratio to sentence-transformers, max |score - minilm fp
 allocated GPU memory on a GPU).
 
 On a GPU the systems are minilm fp32/fp16/bf16 and sentence-transformers in fp32 and in fp16 (its model loaded with
-`torch_dtype=float16`, the fair baseline for minilm's reduced-precision rows); ONNX Runtime and int8 are CPU-only.
+`dtype=float16`, the fair baseline for minilm's reduced-precision rows); ONNX Runtime and int8 are CPU-only.
 
 Needs the reference extra (`pip install -e ".[reference]"`); systems whose library is missing are skipped.
 """
@@ -95,7 +95,7 @@ def main():
         st = STCrossEncoder(model_dir, device=args.device)
         systems["sentence-transformers"] = lambda p: st.predict(p, batch_size=args.batch_size)
         if gpu:
-            st16 = STCrossEncoder(model_dir, device=args.device, model_kwargs={"torch_dtype": torch.float16})
+            st16 = STCrossEncoder(model_dir, device=args.device, model_kwargs={"dtype": torch.float16})
             systems["sentence-transformers-fp16"] = lambda p: st16.predict(p, batch_size=args.batch_size)
     except ImportError:
         print("sentence-transformers: not installed, skipped")
