@@ -198,10 +198,8 @@ def attention_bias(attention_mask, dtype):
 
 
 class CrossEncoderModel(nn.Module):
-    """BertForSequenceClassification with one label: (input_ids, attention_mask, token_type_ids) -> logits (B,).
-
-    The forward is two steps, so that a caller can run them differently (minilm.precision runs the trunk in bf16 and
-    the head in fp32): `trunk` = embeddings and every layer but the last; `head` = the last layer, pooler, classifier."""
+    """BertForSequenceClassification with one label: (input_ids, attention_mask, token_type_ids) -> logits (B,), as
+    `trunk` (embeddings, layers 1..N-1) then `head` (last layer, pooler, classifier): minilm.precision runs them apart."""
 
     def __init__(self, cfg: Config = Config()):
         super().__init__()
@@ -213,8 +211,7 @@ class CrossEncoderModel(nn.Module):
             encoder=nn.ModuleDict(dict(layer=nn.ModuleList(Layer(cfg) for _ in range(cfg.num_hidden_layers)))),
             pooler=Pooler(cfg),
         ))
-        p = cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout
-        self.dropout = nn.Dropout(p)
+        self.dropout = nn.Dropout(cfg.hidden_dropout_prob if cfg.classifier_dropout is None else cfg.classifier_dropout)
         self.classifier = nn.Linear(cfg.hidden_size, 1)
 
     @property
