@@ -194,10 +194,17 @@ class CrossEncoder:
             from tqdm.auto import tqdm
 
             batches = tqdm(batches, desc="Scoring", unit="batch")
+        # On a GPU: pinned, non-blocking copies in and one copy out at the end, so that the CPU pads the next batch
+        # while the GPU scores this one, with no wait between batches
+        gpu = self.device.type == "cuda"
+        scored = []
         for idx in batches:
             batch = self.tokenizer.pad([encodings[i] for i in idx])
-            inputs = {k: torch.from_numpy(v).to(self.device) for k, v in batch.items()}
-            out[idx] = precisions.logits(self.model, inputs, self.precision).cpu()
+            inputs = {k: (torch.from_numpy(v).pin_memory() if gpu else torch.from_numpy(v)).to(self.device, non_blocking=gpu)
+                      for k, v in batch.items()}
+            scored.append((idx, precisions.logits(self.model, inputs, self.precision)))
+        for idx, logits in scored:
+            out[idx] = logits.cpu()
         return out
 
     def rank(self, query: str, documents, top_k: int | None = None, return_documents: bool = False, batch_size: int = 32,
