@@ -483,7 +483,7 @@ for epoch in range(start_epoch, epochs):
         lengths = [len(encodings[i].ids) for i in rows]
         interval["steps"] += 1
         interval["tokens"] += sum(lengths)
-        interval["padded"] += len(lengths) * max(lengths)
+        interval["padded"] += sum(lengths) if fast else len(lengths) * max(lengths)  # the fast loop pads nothing
         if step % cfg.log_every == 0 or step == total_steps:  # the last, partial interval too
             stop_if_diverged()
             log_interval(step, epoch + (b + 1) / steps_per_epoch, lr, grad_norm)
