@@ -29,12 +29,16 @@ import signal
 import stat
 import sys
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 DEFAULT_MODEL = "cross-encoder/ms-marco-MiniLM-L6-v2"
 DTYPE_CHOICES = ("fp32", "bf16", "fp16", "int8")
 FORMAT_CHOICES = ("jsonl", "tsv", "csv")
 CHUNK_ROWS = 1024  # rows read, scored and written at a time in file mode (also how often the progress bar moves)
+# Tokenize the next chunk in a worker thread while this one is scored (see `tokenized`): True, False, or None for
+# "on a GPU only" (a CPU scores on the same cores the tokenizer needs: bench/infer_file.py, docs/performance.md)
+TOKENIZE_AHEAD = None
 # Under torchrun, how long a process waits for the others at an exchange: they may be loading the model (downloading
 # it, the first time) or scoring a chunk. One that takes longer is taken for hung, and the others stop.
 SHARD_TIMEOUT_S = 600
@@ -215,17 +219,36 @@ def score_file(args) -> int:
 
     with output_file(args.output) as out, progress_bar(total, args.quiet) as bar:
         writer = RowWriter(out, fmt)
-        for chunk in chunked(iter_pairs(args.input, fmt), CHUNK_ROWS):
-            score_chunk(model, chunk, writer, args)
+        for chunk, encodings in tokenized(model, chunked(iter_pairs(args.input, fmt), CHUNK_ROWS)):
+            score_chunk(model, chunk, encodings, writer, args)
             bar.update(len(chunk))
     return 0
 
 
-def score_chunk(model, chunk: list, writer: "RowWriter", args) -> None:
-    scores = model.predict([(p.query, p.passage) for p in chunk], batch_size=args.batch_size,
-                           activation="sigmoid" if args.sigmoid else None)
-    for pair, score in zip(chunk, scores):
-        writer.write(pair.row, float(score))
+def tokenized(model, chunks):
+    """(chunk, its encodings) for each chunk of rows. Tokenizing ahead (TOKENIZE_AHEAD), a worker thread reads and
+    tokenizes the next chunk while the caller scores this one: the Rust tokenizer releases the GIL, and a GPU would
+    otherwise wait for the tokenizer between chunks. An error reading the input (a bad row) reaches the caller when
+    it asks for that chunk, as in line."""
+    def read_and_tokenize():
+        chunk = next(chunks, None)
+        return None if chunk is None else (chunk, model.tokenizer.encode([(p.query, p.passage) for p in chunk]))
+
+    if not (model.device.type == "cuda" if TOKENIZE_AHEAD is None else TOKENIZE_AHEAD):
+        yield from iter(read_and_tokenize, None)
+        return
+    with ThreadPoolExecutor(1, thread_name_prefix="tokenize") as worker:
+        ahead = worker.submit(read_and_tokenize)
+        while (item := ahead.result()) is not None:
+            ahead = worker.submit(read_and_tokenize)
+            yield item
+
+
+def score_chunk(model, chunk: list, encodings: list, writer: "RowWriter", args) -> None:
+    logits = model.score_encodings(encodings, batch_size=args.batch_size)
+    scores = model.activate(logits, "sigmoid" if args.sigmoid else None)
+    for pair, score in zip(chunk, scores.tolist()):
+        writer.write(pair.row, score)
 
 
 def check_output(output: str, fmt: str) -> None:
@@ -386,13 +409,13 @@ class Shards:
 
         fmt, total = self.agree(check_input)
         model = self.agree(load)
-        mine = itertools.islice(chunked(iter_pairs(args.input, fmt), CHUNK_ROWS), self.rank, None, self.world)
+        mine = tokenized(model, itertools.islice(chunked(iter_pairs(args.input, fmt), CHUNK_ROWS), self.rank, None, self.world))
 
         def score_mine(index: int) -> str:
             lines = io.StringIO()
-            chunk = next(mine, None)  # None in the last round, for the processes after the file's last chunk
-            if chunk is not None:
-                score_chunk(model, chunk, RowWriter(lines, fmt, header=index == 0), args)
+            item = next(mine, None)  # None in the last round, for the processes after the file's last chunk
+            if item is not None:
+                score_chunk(model, *item, RowWriter(lines, fmt, header=index == 0), args)
             return lines.getvalue()
 
         with contextlib.ExitStack() as stack:

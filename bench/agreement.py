@@ -2,6 +2,7 @@
 
     python bench/agreement.py --model DIR                  # bf16 and int8 against fp32, all 4,340 test pairs
     python bench/agreement.py --model DIR --queries 50     # the first 50 queries only
+    python bench/agreement.py --model DIR --device cuda    # fp16 and bf16 against fp32 on a GPU
 
 For every query (20 candidates each) the passage ranked first in fp32 is compared with the one ranked first by the
 reduced-precision model; Spearman's rho is computed over all pair scores. Also prints each dtype's pairs/s on this
@@ -19,6 +20,7 @@ README's figures use the stand-in with its last layer and head trained on TyDi-r
 
 import argparse
 import json
+import os
 import sys
 import time
 from collections import defaultdict
@@ -28,7 +30,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
-TEST = REPO.parent / "shared" / "data" / "tydiqa_ru" / "test.jsonl"
+TEST = Path(os.environ.get("MINILM_TYDI", REPO.parent / "shared" / "data" / "tydiqa_ru")) / "test.jsonl"  # gpu.sh: a copy
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> float:
@@ -40,9 +42,11 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="checkpoint directory or name")
     ap.add_argument("--queries", type=int, help="only the first N queries")
-    ap.add_argument("--dtypes", default="bf16,int8")
+    ap.add_argument("--dtypes", help="reduced precisions compared with fp32 (default: bf16,int8 on a CPU, fp16,bf16 on a GPU)")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     ap.add_argument("--batch-size", type=int, default=32)
     args = ap.parse_args()
+    args.dtypes = args.dtypes or ("fp16,bf16" if args.device.startswith("cuda") else "bf16,int8")
 
     from minilm import CrossEncoder
     from minilm.metrics import rerank_metrics
@@ -61,7 +65,8 @@ def main():
         return rerank_metrics(qid_of, labels, scores)["mrr@10"]
 
     def score(dtype):
-        ce = CrossEncoder.from_pretrained(args.model, device="cpu", dtype=dtype)
+        ce = CrossEncoder.from_pretrained(args.model, device=args.device, dtype=dtype)
+        ce.predict(pairs[:8])  # warm-up: kernel selection, the GPU's libraries loading
         t = time.perf_counter()
         scores = ce.predict(pairs, batch_size=args.batch_size)
         return scores, len(pairs) / (time.perf_counter() - t)

@@ -41,7 +41,8 @@ def bench_pairs(n: int, seed: int = 0) -> list[tuple[str, str]]:
     # lognormal passage lengths clipped to the card's range [88, 1019]; a median of 330 chars puts the mean near 369
     lengths = np.clip(rng.lognormal(np.log(330), 0.55, size=n), 88, 1019).astype(int)
     pairs = []
-    for i, length in zip(rng.permutation(len(rows)), lengths):
+    rounds = -(-n // len(rows))  # more pairs than rows: each row again, in another order
+    for i, length in zip(np.concatenate([rng.permutation(len(rows)) for _ in range(rounds)]), lengths):
         passage = " ".join(rows[i]["passage"].split())
         while len(passage) < length:  # a passage too short for its drawn length: take the next row instead
             i = (i + 1) % len(rows)

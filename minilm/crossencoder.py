@@ -161,14 +161,17 @@ class CrossEncoder:
         for i, pair in enumerate(pairs):
             if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
                 raise TypeError(f"pair {i} must be a (query, passage) tuple of two strings, got {pair!r}")
-        logits = self.score_logits(pairs, batch_size, show_progress_bar)
-        fn = activation_module(activation if activation is not None else activation_fn if activation_fn is not None else self.activation)
-        # per pair, as sentence-transformers does: on (N, 1) rows, so a Softmax sees one logit, never the other pairs
-        scores = fn(logits[:, None]).reshape(len(logits)) if fn is not None else logits
-        if convert_to_tensor:
-            return scores[0] if single else scores
-        scores = scores.numpy()
+        scores = self.activate(self.score_logits(pairs, batch_size, show_progress_bar),
+                               activation if activation is not None else activation_fn)
+        if not convert_to_tensor:
+            scores = scores.numpy()
         return scores[0] if single else scores
+
+    def activate(self, logits: torch.Tensor, activation=None) -> torch.Tensor:
+        """Scores from logits (N,): `activation` (see predict), or the model's default when None."""
+        fn = activation_module(activation if activation is not None else self.activation)
+        # per pair, as sentence-transformers does: on (N, 1) rows, so a Softmax sees one logit, never the other pairs
+        return fn(logits[:, None]).reshape(len(logits)) if fn is not None else logits
 
     @torch.inference_mode()
     def score_logits(self, pairs, batch_size: int = 32, show_progress_bar: bool | None = None) -> torch.Tensor:
@@ -178,13 +181,18 @@ class CrossEncoder:
         `batch_size` pairs and at most `max_batch_tokens` padded tokens (`model.max_batch_tokens`): on a CPU, small
         working sets stay in cache and are recycled by the allocator instead of page-faulting fresh memory on every op.
         Batching changes results only at float-rounding level (~1e-7)."""
+        return self.score_encodings(self.tokenizer.encode(pairs), batch_size, show_progress_bar)
+
+    @torch.inference_mode()
+    def score_encodings(self, encodings, batch_size: int = 32, show_progress_bar: bool | None = None) -> torch.Tensor:
+        """score_logits of pairs already tokenized by `self.tokenizer.encode` (elsewhere: infer.py tokenizes the next
+        chunk of a file in a thread while this one is scored)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         self.model.eval()
-        out = torch.empty(len(pairs), dtype=torch.float32)
-        encodings = self.tokenizer.encode(pairs)
+        out = torch.empty(len(encodings), dtype=torch.float32)
         lengths = [len(e.ids) for e in encodings]
-        order = sorted(range(len(pairs)), key=lambda i: -lengths[i])
+        order = sorted(range(len(encodings)), key=lambda i: -lengths[i])
         batches, start = [], 0
         while start < len(order):
             n = max(1, min(batch_size, self.max_batch_tokens // lengths[order[start]]))  # the first is the longest

@@ -1,5 +1,5 @@
 """infer.py as tests/test_shard.py starts it under torchrun: chunks of 3 rows (so a few dozen rows make several
-rounds), and two hooks around CrossEncoder.predict, set by environment variables:
+rounds), and two hooks around the scoring of a chunk (infer.score_chunk), set by environment variables:
 
   SHARD_TEST_LOG=DIR          each process appends the passages it scores to DIR/RANK.txt
   SHARD_TEST_CRASH=R:HOW:TEXT process R, about to score the passage TEXT, raises RuntimeError (HOW=raise) or kills
@@ -14,24 +14,23 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import infer  # noqa: E402
-from minilm import CrossEncoder  # noqa: E402
 
 infer.CHUNK_ROWS = 3
-predict = CrossEncoder.predict
+score_chunk = infer.score_chunk
 
 
-def hooked_predict(self, pairs, *args, **kwargs):
+def hooked_score_chunk(model, chunk, *args):
     rank = os.environ["RANK"]
     crash_rank, how, text = os.environ.get("SHARD_TEST_CRASH", "::").split(":", 2)
-    if crash_rank == rank and any(passage == text for _, passage in pairs):
+    if crash_rank == rank and any(pair.passage == text for pair in chunk):
         if how == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
         raise RuntimeError(f"injected crash at {text!r}")
     if "SHARD_TEST_LOG" in os.environ:
         with open(Path(os.environ["SHARD_TEST_LOG"]) / f"{rank}.txt", "a", encoding="utf-8") as log:
-            log.writelines(passage.replace("\n", " ") + "\n" for _, passage in pairs)
-    return predict(self, pairs, *args, **kwargs)
+            log.writelines(pair.passage.replace("\n", " ") + "\n" for pair in chunk)
+    return score_chunk(model, chunk, *args)
 
 
-CrossEncoder.predict = hooked_predict
+infer.score_chunk = hooked_score_chunk
 sys.exit(infer.main())

@@ -290,17 +290,51 @@ def test_format_overrides_extension(standin, model, tmp_path, capsys):
     assert_scored(model, read_output(src.read_text(), "csv"), read_output(dst.read_text(), "csv"))
 
 
-def test_streams_in_chunks(standin, model, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("ahead", [True, False], ids=["tokenize-ahead", "in-line"])
+def test_streams_in_chunks(standin, model, tmp_path, monkeypatch, capsys, ahead):
     monkeypatch.setattr(infer, "CHUNK_ROWS", 2)
+    monkeypatch.setattr(infer, "TOKENIZE_AHEAD", ahead)
     rows = [{"query": q, "passage": p} for q, p in PAIRS] + [{"query": "fifth", "passage": "row"}]
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_input(src, "jsonl", rows)
     chunks = []
-    predict = type(model).predict
-    monkeypatch.setattr(type(model), "predict", lambda self, pairs, **kw: chunks.append(len(pairs)) or predict(self, pairs, **kw))
+    score = type(model).score_encodings
+    monkeypatch.setattr(type(model), "score_encodings", lambda self, enc, *a, **kw: chunks.append(len(enc)) or score(self, enc, *a, **kw))
     rc, _, err = run(capsys, "--model", standin, "--device", "cpu", "--input", src, "--output", dst)
     assert rc == 0, err
     assert chunks == [2, 2, 1]
+    assert_scored(model, rows, read_output(dst.read_text(), "jsonl"))
+
+
+@pytest.mark.parametrize("ahead, expected", [(True, True), (False, False), (None, False)],
+                         ids=["tokenize-ahead", "in-line", "default-on-cpu-in-line"])
+def test_next_chunk_is_tokenized_while_this_one_is_scored(standin, model, tmp_path, monkeypatch, capsys, ahead, expected):
+    """Each chunk's scoring notes whether the tokenizing of the next chunk has begun, waiting up to 10 s for it when
+    tokenizing ahead: in line it cannot have begun."""
+    monkeypatch.setattr(infer, "CHUNK_ROWS", 2)
+    monkeypatch.setattr(infer, "TOKENIZE_AHEAD", ahead)
+    rows = [{"query": q, "passage": p} for q, p in PAIRS] + [{"query": "fifth", "passage": "row"}]
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(src, "jsonl", rows)
+    began = [threading.Event() for _ in range(3)]  # tokenizing of chunk i began
+    next_began = []
+    encode, score = type(model.tokenizer).encode, type(model).score_encodings
+
+    def encode_noted(self, pairs):
+        began[sum(e.is_set() for e in began)].set()
+        return encode(self, pairs)
+
+    def score_noting_next(self, encodings, *args, **kw):
+        i = len(next_began)
+        next_began.append(began[i + 1].wait(10 if expected else 0) if i + 1 < len(began) else None)
+        return score(self, encodings, *args, **kw)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(type(model.tokenizer), "encode", encode_noted)
+        patch.setattr(type(model), "score_encodings", score_noting_next)
+        rc, _, err = run(capsys, "--model", standin, "--device", "cpu", "--input", src, "--output", dst)
+    assert rc == 0, err
+    assert next_began == [expected, expected, None]
     assert_scored(model, rows, read_output(dst.read_text(), "jsonl"))
 
 
@@ -366,12 +400,12 @@ def test_interrupt_leaves_no_output(standin, tmp_path, monkeypatch, capsys):
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_input(src, "jsonl", [{"query": q, "passage": p} for q, p in PAIRS])
 
-    def interrupted(self, pairs, **kw):
+    def interrupted(self, encodings, **kw):
         raise KeyboardInterrupt
 
     from minilm import CrossEncoder
 
-    monkeypatch.setattr(CrossEncoder, "predict", interrupted)
+    monkeypatch.setattr(CrossEncoder, "score_encodings", interrupted)
     rc, out, err = run(capsys, "--model", standin, "--device", "cpu", "--input", src, "--output", dst)
     assert rc == 130
     assert "interrupted" in err and "Traceback" not in err
