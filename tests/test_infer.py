@@ -338,9 +338,12 @@ def test_next_chunk_is_tokenized_while_this_one_is_scored(standin, model, tmp_pa
     assert_scored(model, rows, read_output(dst.read_text(), "jsonl"))
 
 
-def test_bad_row_after_scored_chunks_leaves_no_output(standin, tmp_path, monkeypatch, capsys):
-    """Standard input is not checked ahead: the bad row is met after two chunks were written to the temporary file."""
+@pytest.mark.parametrize("ahead", [True, False], ids=["tokenize-ahead", "in-line"])
+def test_bad_row_after_scored_chunks_leaves_no_output(standin, tmp_path, monkeypatch, capsys, ahead):
+    """Standard input is not checked ahead: the bad row is met after two chunks were written to the temporary file
+    (tokenizing ahead: met by the worker thread, and reported by the main thread all the same)."""
     monkeypatch.setattr(infer, "CHUNK_ROWS", 2)
+    monkeypatch.setattr(infer, "TOKENIZE_AHEAD", ahead)
     good = "".join(json.dumps({"query": q, "passage": p}) + "\n" for q, p in PAIRS)
     monkeypatch.setattr(sys, "stdin", stdin(good + '{"query": "q"}\n'))
     dst = tmp_path / "out.jsonl"
@@ -396,7 +399,9 @@ def test_output_through_symlink_and_into_fifo(standin, model, tmp_path, capsys):
     assert_scored(model, rows, read_output(received[0], "jsonl"))
 
 
-def test_interrupt_leaves_no_output(standin, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("ahead", [True, False], ids=["tokenize-ahead", "in-line"])
+def test_interrupt_leaves_no_output(standin, tmp_path, monkeypatch, capsys, ahead):
+    monkeypatch.setattr(infer, "TOKENIZE_AHEAD", ahead)
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_input(src, "jsonl", [{"query": q, "passage": p} for q, p in PAIRS])
 
