@@ -5,8 +5,8 @@
 # It runs: the CUDA tests (tests/test_cuda.py); train.py's fast and exact loops and the sentence-transformers trainer,
 # fp16, batch 16, card-like pairs (bench/train.py); scoring speed of minilm fp32/fp16/bf16 against
 # sentence-transformers fp32/fp16 (bench/predict.py); infer.py's file mode with and without tokenizing ahead
-# (bench/infer_file.py); fp16/bf16 against fp32 on the TyDi-ru ranker (bench/agreement.py). A failing part is
-# reported and the rest still runs.
+# (bench/infer_file.py); fp16/bf16 against fp32 on the TyDi-ru ranker (bench/agreement.py). Most important first;
+# a failing or slow part is reported (exit status and seconds of each in $OUT/parts.md) and the rest still runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu}
@@ -18,22 +18,45 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, transformers, sentence_transformers as st; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| transformers', transformers.__version__, '| sentence-transformers', st.__version__)"
 } 2>&1 | tee "$OUT/versions.txt"
-status=0
-python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py 2>&1 | tee "$OUT/tests.txt" || status=1
-python3 bench/train.py --device cuda --model .gpu/standin --steps 2000 --log-every 500 --only fast,trainer \
-  --json "$OUT/train.json" 2>&1 | tee "$OUT/train.md" || status=1
-python3 bench/train.py --device cuda --model .gpu/standin --steps 400 --log-every 100 --only exact,fast \
-  --json "$OUT/train_exact.json" 2>&1 | tee "$OUT/train_exact.md" || status=1
-python3 bench/predict.py --device cuda --model .gpu/standin --pairs 4096 --batch-size 128 --rounds 3 --svg "$OUT/predict.svg" 2>&1 \
-  | tee "$OUT/predict.md" || status=1
-python3 bench/infer_file.py --device cuda --dtype fp16 --model .gpu/standin --pairs 16384 --batch-size 128 --rounds 2 2>&1 \
-  | tee "$OUT/infer_file.md" || status=1
-python3 - <<'PY' || status=1  # runs/tydi-ranker again: the stand-in's tensors and the ranker's own (bench/gpu_prepare.sh)
+# runs/tydi-ranker again, for bench/agreement.py: the stand-in's tensors with the ranker's own on top (gpu_prepare.sh)
+python3 - <<'PY'
 import shutil
 from safetensors.torch import load_file, save_file
 shutil.copytree(".gpu/tydi-ranker", "/tmp/tydi-ranker", ignore=shutil.ignore_patterns("differs.safetensors"), dirs_exist_ok=True)
 state = load_file(".gpu/standin/model.safetensors") | load_file(".gpu/tydi-ranker/differs.safetensors")
 save_file(state, "/tmp/tydi-ranker/model.safetensors", metadata={"format": "pt"})
 PY
-python3 bench/agreement.py --device cuda --model /tmp/tydi-ranker 2>&1 | tee "$OUT/agreement.md" || status=1
+
+# Each part runs for at most its own cap and never past DEADLINE, so that one slow or hung part costs only its own
+# numbers and the results come back before the device call's 600 s limit. $OUT/parts.md: each part's status and time.
+DEADLINE=$((SECONDS + ${GPU_SECONDS:-560}))
+status=0
+echo "| part | exit status | seconds |" > "$OUT/parts.md"
+echo "|---|---|---|" >> "$OUT/parts.md"
+part() {  # part NAME CAP_SECONDS COMMAND...: output in $OUT/NAME.md
+  local name=$1 cap=$2 start=$SECONDS rc
+  shift 2
+  (( cap > DEADLINE - SECONDS )) && cap=$((DEADLINE - SECONDS))
+  if (( cap < 15 )); then
+    rc=skipped
+  else
+    echo "== $name (at most ${cap} s)"
+    timeout -k 10 "$cap" "$@" 2>&1 | tee "$OUT/$name.md"
+    rc=${PIPESTATUS[0]}
+    (( rc == 124 || rc == 137 )) && echo "$name: stopped after ${cap} s" | tee -a "$OUT/$name.md"
+  fi
+  [[ $rc == 0 ]] || status=1
+  echo "| $name | $rc | $((SECONDS - start)) |" >> "$OUT/parts.md"
+}
+part tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
+part train 270 python3 bench/train.py --device cuda --model .gpu/standin --steps 2000 --log-every 500 --only fast,trainer \
+  --json "$OUT/train.json"
+part predict 90 python3 bench/predict.py --device cuda --model .gpu/standin --pairs 4096 --batch-size 128 --rounds 3 \
+  --svg "$OUT/predict.svg"
+part infer_file 60 python3 bench/infer_file.py --device cuda --dtype fp16 --model .gpu/standin --pairs 16384 \
+  --batch-size 128 --rounds 2
+part agreement 45 python3 bench/agreement.py --device cuda --model /tmp/tydi-ranker
+part train_exact 120 python3 bench/train.py --device cuda --model .gpu/standin --steps 400 --log-every 100 \
+  --only exact,fast --json "$OUT/train_exact.json"
+cat "$OUT/parts.md"
 exit $status
