@@ -468,7 +468,8 @@ for epoch in range(start_epoch, epochs):
         scaler.scale(loss).backward()
         scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)  # norm before clipping
-        lr = schedule_on_device[taken] if fast else schedule[int(taken)]
+        # index_select: indexing with the 0-dim `taken` itself would read it into Python (.item(), a sync on a GPU)
+        lr = schedule_on_device.index_select(0, taken.view(1)).view(()) if fast else schedule[int(taken)]
         for group in optimizer.param_groups:
             group["lr"] = lr
         scaler.step(optimizer)  # skipped when fp16 gradients overflowed (then the norm is inf/nan); the scale halves

@@ -190,8 +190,9 @@ def attention_bias(attention_mask, dtype):
     """Additive attention mask (B, 1, 1, T): 0 where the key is a real token, the dtype's minimum where it is padding.
 
     It broadcasts over heads and query rows (transformers materialises the same values as (B, 1, T, T)). None when
-    nothing is padded, as on transformers' SDPA path, which also lets SDPA pick its fastest kernel."""
-    if attention_mask is None or bool(attention_mask.all()):
+    nothing is padded, as on transformers' SDPA path, which also lets SDPA pick its fastest kernel; that is checked
+    for a mask on the CPU only: on a GPU, reading the answer would make the host wait for the device at every batch."""
+    if attention_mask is None or (attention_mask.device.type == "cpu" and bool(attention_mask.all())):
         return None
     bias = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)  # (B, T)
     return bias.masked_fill(attention_mask == 0, torch.finfo(dtype).min)[:, None, None, :]  # (B, 1, 1, T)

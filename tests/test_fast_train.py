@@ -13,6 +13,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from minilm import CrossEncoder
+from minilm.checkpoint import save_weights
+from minilm.model import Config, CrossEncoderModel
+from minilm.tokenizer import PairEncoding
 from minilm.unpadded import Unpadded, drop_mask, pack
 from test_train import GOLDEN, PAIRS, REPO, TRAIN, read_log, train
 
@@ -64,6 +67,52 @@ def test_fast_loop_resumes_to_the_uninterrupted_weights(standin_dir, tmp_path):
     train(*short(standin_dir, resumed, "--max-steps", 9, "--save-every", 4, "--resume", "latest"))
     assert (resumed / "model.safetensors").read_bytes() == (full / "model.safetensors").read_bytes()
     assert list(losses(resumed)) == list(losses(full))
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(standin_dir, tmp_path_factory):
+    """A 2-layer, 64-wide model with random weights and the stand-in's tokenizer: the same code paths, in a fraction
+    of the time (the dispatch mode of tests/sync_launch.py calls Python for every op)."""
+    folder = tmp_path_factory.mktemp("tiny")
+    for f in standin_dir.iterdir():
+        if f.name not in ("config.json", "model.safetensors"):
+            (folder / f.name).symlink_to(f)
+    config = json.loads((standin_dir / "config.json").read_text())
+    config.update(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
+    (folder / "config.json").write_text(json.dumps(config))
+    torch.manual_seed(0)
+    save_weights(folder / "model.safetensors", CrossEncoderModel(Config.from_hf(config)))
+    return folder
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16"], ids=["fp32", "fp16-gradscaler"])
+def test_fast_loop_makes_no_host_sync_per_step(tiny_dir, tmp_path, precision):
+    """On a GPU every read of a tensor's value waits for the device. Counted on the CPU (tests/sync_launch.py) over a
+    3-step and a 6-step run that log once, at the end: the same count, so no step reads one. fp16 runs the GradScaler,
+    skip detection and the schedule held on the device. (Indexing the lr table with the 0-dim step counter did read
+    it, once per step.)"""
+    syncs = []
+    for steps in (3, 6):
+        args = short(tiny_dir, tmp_path / str(steps), "--max-steps", steps, "--log-every", 100, "--precision", precision)
+        done = subprocess.run([sys.executable, str(REPO / "tests" / "sync_launch.py"), *map(str, args)],
+                              capture_output=True, text=True, timeout=600, cwd=REPO)
+        assert done.returncode == 0, done.stderr[-3000:]
+        syncs.append(int(done.stderr.strip().splitlines()[-1].removeprefix("host syncs: ")))
+    assert syncs[0] == syncs[1] > 0, syncs
+
+
+def test_forward_passes_read_no_tensor_value_off_the_cpu():
+    """On the meta device (shapes, no data) reading a value raises, as it would wait for a GPU: scoring's forward with
+    a padding mask, and the fast loop's forward and backward on its CUDA attention path, must not read any."""
+    model = CrossEncoderModel(Config(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128))
+    model.to("meta")
+    ids = torch.ones(3, 7, dtype=torch.int64, device="meta")
+    with torch.inference_mode():
+        assert model.eval()(ids, torch.ones_like(ids), ids).shape == (3,)
+    encodings = [PairEncoding([101, 5, 102, 6, 7, 102], [0, 0, 0, 1, 1, 1]), PairEncoding([101, 5, 102, 6, 102], [0, 0, 0, 1, 1])]
+    logits = Unpadded(model.train())(pack(encodings, torch.device("meta")))
+    logits.sum().backward()
+    assert logits.shape == (2,) and model.classifier.weight.grad.shape == (1, 64)
 
 
 def test_fast_forward_and_gradients_match_the_padded_model(no_dropout):
