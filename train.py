@@ -69,7 +69,7 @@ from minilm.data import DataError, fingerprint, read_pairs
 from minilm.evaluate import evaluate, format_metrics
 from minilm.metrics import RELEVANT, has_relevant
 from minilm.plot import line_chart_svg
-from minilm.unpadded import Unpadded, pack
+from minilm.unpadded import Unpadded, copy_in, pack
 
 
 def option(default, help):
@@ -455,7 +455,7 @@ for epoch in range(start_epoch, epochs):
         batch = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
         lo, hi = rank * len(batch) // world, (rank + 1) * len(batch) // world
         rows = batch[lo:hi] or batch[:1]  # a rank with no row computes one at weight 0
-        labels = labels_all[rows].to(device, non_blocking=True)
+        labels = copy_in(labels_all[rows], device)
         train_model.train()
         with autocast:
             if fast:

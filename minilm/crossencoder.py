@@ -17,6 +17,7 @@ from .checkpoint import (TOKENIZER_FILES, atomic_write, load_weights, read_json,
                          skip_init, write_json)
 from .model import Config, CrossEncoderModel
 from .tokenizer import PairTokenizer
+from .unpadded import copy_in
 
 IDENTITY = "torch.nn.modules.linear.Identity"
 SIGMOID = "torch.nn.modules.activation.Sigmoid"
@@ -204,12 +205,10 @@ class CrossEncoder:
             batches = tqdm(batches, desc="Scoring", unit="batch")
         # On a GPU: pinned, non-blocking copies in and one copy out at the end, so that the CPU pads the next batch
         # while the GPU scores this one, with no wait between batches
-        gpu = self.device.type == "cuda"
         scored = []
         for idx in batches:
             batch = self.tokenizer.pad([encodings[i] for i in idx])
-            inputs = {k: (torch.from_numpy(v).pin_memory() if gpu else torch.from_numpy(v)).to(self.device, non_blocking=gpu)
-                      for k, v in batch.items()}
+            inputs = {k: copy_in(torch.from_numpy(v), self.device) for k, v in batch.items()}
             scored.append((idx, precisions.logits(self.model, inputs, self.precision)))
         for idx, logits in scored:
             out[idx] = logits.cpu()

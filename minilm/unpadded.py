@@ -43,9 +43,15 @@ def pack(encodings, device) -> Packed:
     arrays = [np.concatenate([e.ids for e in encodings]), np.concatenate([e.type_ids for e in encodings]),
               np.concatenate([np.arange(n) for n in lengths]), np.cumsum([0] + lengths[:-1]),
               np.concatenate([i * T + np.arange(n) for i, n in enumerate(lengths)])]
-    pin = device.type == "cuda"  # pinned host memory: the copy runs while the GPU works on the previous step
-    tensors = [torch.from_numpy(np.asarray(a, dtype=np.int64)) for a in arrays]
-    return Packed(*((t.pin_memory() if pin else t).to(device, non_blocking=True) for t in tensors), lengths)
+    return Packed(*(copy_in(torch.from_numpy(np.asarray(a, dtype=np.int64)), device) for a in arrays), lengths)
+
+
+def copy_in(tensor: torch.Tensor, device) -> torch.Tensor:
+    """`tensor` on `device`; to a GPU from pinned host memory without blocking, so the copy runs while the GPU works
+    on what was queued before (the previous step, the previous batch); from pageable memory the host may wait."""
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
 
 
 # ------------------------------------------------------------------------------------------------------- dropout
