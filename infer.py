@@ -226,22 +226,25 @@ def score_file(args) -> int:
 
 
 def tokenized(model, chunks):
-    """(chunk, its encodings) for each chunk of rows. Tokenizing ahead (TOKENIZE_AHEAD), a worker thread reads and
-    tokenizes the next chunk while the caller scores this one: the Rust tokenizer releases the GIL, and a GPU would
-    otherwise wait for the tokenizer between chunks. An error reading the input (a bad row) reaches the caller when
-    it asks for that chunk, as in line."""
-    def read_and_tokenize():
-        chunk = next(chunks, None)
-        return None if chunk is None else (chunk, model.tokenizer.encode([(p.query, p.passage) for p in chunk]))
+    """(chunk, its encodings) for each chunk of rows. Tokenizing ahead (TOKENIZE_AHEAD), the next chunk is read here
+    and tokenized by a worker thread while the caller scores this one: the Rust tokenizer releases the GIL, and a GPU
+    would otherwise wait for the tokenizer between chunks. The reading stays in this thread, so that a read blocked on
+    an idle pipe is still interrupted by Ctrl-C or SIGTERM, and the worker never holds more than one chunk's work."""
+    def tokenize(chunk):
+        return model.tokenizer.encode([(p.query, p.passage) for p in chunk])
 
     if not (model.device.type == "cuda" if TOKENIZE_AHEAD is None else TOKENIZE_AHEAD):
-        yield from iter(read_and_tokenize, None)
+        yield from ((chunk, tokenize(chunk)) for chunk in chunks)
         return
     with ThreadPoolExecutor(1, thread_name_prefix="tokenize") as worker:
-        ahead = worker.submit(read_and_tokenize)
-        while (item := ahead.result()) is not None:
-            ahead = worker.submit(read_and_tokenize)
-            yield item
+        previous = None
+        for chunk in chunks:
+            current = (chunk, worker.submit(tokenize, chunk))
+            if previous is not None:
+                yield previous[0], previous[1].result()
+            previous = current
+        if previous is not None:
+            yield previous[0], previous[1].result()
 
 
 def score_chunk(model, chunk: list, encodings: list, writer: "RowWriter", args) -> None:

@@ -2,6 +2,7 @@
 # Every GPU check and benchmark, in one call on the GPU machine (about 6-8 minutes on one H100):
 #   bash bench/gpu_prepare.sh                      # here, first: fills .gpu/ (see there)
 #   device run, carry [".gpu"]: bash bench/gpu.sh  # results as markdown + JSON under $OUT (or runs/gpu)
+#   (with timeout_s under 600, also GPU_SECONDS=<a little less>: see DEADLINE below)
 # It runs: the CUDA tests (tests/test_cuda.py); train.py's fast and exact loops and the sentence-transformers trainer,
 # fp16, batch 16, card-like pairs (bench/train.py); scoring speed of minilm fp32/fp16/bf16 against
 # sentence-transformers fp32/fp16 (bench/predict.py); infer.py's file mode with and without tokenizing ahead
@@ -18,7 +19,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python3 -c "import torch, transformers, sentence_transformers as st; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| transformers', transformers.__version__, '| sentence-transformers', st.__version__)"
 } 2>&1 | tee "$OUT/versions.txt"
-# runs/tydi-ranker again, for bench/agreement.py: the stand-in's tensors with the ranker's own on top (gpu_prepare.sh)
+# runs/tydi-ranker with its weights rounded to fp16 (as the stand-in's are), for bench/agreement.py: the stand-in's
+# tensors with the ranker's own on top (gpu_prepare.sh)
 python3 - <<'PY'
 import shutil
 from safetensors.torch import load_file, save_file
@@ -27,16 +29,17 @@ state = load_file(".gpu/standin/model.safetensors") | load_file(".gpu/tydi-ranke
 save_file(state, "/tmp/tydi-ranker/model.safetensors", metadata={"format": "pt"})
 PY
 
-# Each part runs for at most its own cap and never past DEADLINE, so that one slow or hung part costs only its own
-# numbers and the results come back before the device call's 600 s limit. $OUT/parts.md: each part's status and time.
-DEADLINE=$((SECONDS + ${GPU_SECONDS:-560}))
+# Each part runs for at most its own cap and never past DEADLINE (seconds since the script started, kill grace
+# included), so that one slow or hung part costs only its own numbers and the results come back before the device
+# call's limit: set GPU_SECONDS a little under the call's timeout_s. $OUT/parts.md: each part's status and time.
+DEADLINE=${GPU_SECONDS:-570}
 status=0
 echo "| part | exit status | seconds |" > "$OUT/parts.md"
 echo "|---|---|---|" >> "$OUT/parts.md"
 part() {  # part NAME CAP_SECONDS COMMAND...: output in $OUT/NAME.md
   local name=$1 cap=$2 start=$SECONDS rc
   shift 2
-  (( cap > DEADLINE - SECONDS )) && cap=$((DEADLINE - SECONDS))
+  (( cap > DEADLINE - SECONDS - 10 )) && cap=$((DEADLINE - SECONDS - 10))  # timeout -k 10: up to 10 s more
   if (( cap < 15 )); then
     rc=skipped
   else

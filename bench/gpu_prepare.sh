@@ -4,8 +4,10 @@
 #   .gpu/standin/   the stand-in checkpoint with fp16 weights (45 MB; minilm upcasts them to fp32 on load)
 #   .gpu/tydi/      the first 6,000 TyDi-ru train rows (bench pairs, the CUDA tests) and the test rows of the first
 #                   60 queries (bench/agreement.py)
-#   .gpu/tydi-ranker/  runs/tydi-ranker (bench/tydi_ranker.py; built here if missing, ~8 min) as the fp16 tensors that
-#                   differ from the stand-in's (the last layer and the head, 3.4 MB): gpu.sh puts it together again
+#   .gpu/tydi-ranker/  runs/tydi-ranker (bench/tydi_ranker.py; built here if missing, ~8 min) as the tensors that
+#                   differ from the stand-in's (the last layer and the head, 3.4 MB), in fp16 like the stand-in: gpu.sh
+#                   puts together runs/tydi-ranker with every weight rounded to fp16 (the model whose fp32, fp16 and
+#                   bf16 scores bench/agreement.py compares there)
 #   .gpu/whl/       wheels the GPU image lacks: datasets (sentence-transformers' trainer needs it), dill, multiprocess;
 #                   this set ran bench/train.py's trainer with sentence-transformers 6.0.1, transformers 5.17,
 #                   accelerate 1.15 and huggingface_hub 1.33 (the GPU image's) on a CPU

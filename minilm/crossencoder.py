@@ -208,6 +208,8 @@ class CrossEncoder:
         scored = []
         for idx in batches:
             batch = self.tokenizer.pad([encodings[i] for i in idx])
+            if batch["attention_mask"].all():  # nothing padded: no mask (the model checks only masks on the CPU)
+                del batch["attention_mask"]
             inputs = {k: copy_in(torch.from_numpy(v), self.device) for k, v in batch.items()}
             scored.append((idx, precisions.logits(self.model, inputs, self.precision)))
         for idx, logits in scored:

@@ -310,17 +310,19 @@ def test_streams_in_chunks(standin, model, tmp_path, monkeypatch, capsys, ahead)
                          ids=["tokenize-ahead", "in-line", "default-on-cpu-in-line"])
 def test_next_chunk_is_tokenized_while_this_one_is_scored(standin, model, tmp_path, monkeypatch, capsys, ahead, expected):
     """Each chunk's scoring notes whether the tokenizing of the next chunk has begun, waiting up to 10 s for it when
-    tokenizing ahead: in line it cannot have begun."""
+    tokenizing ahead (in line it cannot have begun), and the tokenizing is done by another thread than the main one
+    exactly when tokenizing ahead."""
     monkeypatch.setattr(infer, "CHUNK_ROWS", 2)
     monkeypatch.setattr(infer, "TOKENIZE_AHEAD", ahead)
     rows = [{"query": q, "passage": p} for q, p in PAIRS] + [{"query": "fifth", "passage": "row"}]
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_input(src, "jsonl", rows)
     began = [threading.Event() for _ in range(3)]  # tokenizing of chunk i began
-    next_began = []
+    next_began, in_main_thread = [], []
     encode, score = type(model.tokenizer).encode, type(model).score_encodings
 
     def encode_noted(self, pairs):
+        in_main_thread.append(threading.current_thread() is threading.main_thread())
         began[sum(e.is_set() for e in began)].set()
         return encode(self, pairs)
 
@@ -335,13 +337,14 @@ def test_next_chunk_is_tokenized_while_this_one_is_scored(standin, model, tmp_pa
         rc, _, err = run(capsys, "--model", standin, "--device", "cpu", "--input", src, "--output", dst)
     assert rc == 0, err
     assert next_began == [expected, expected, None]
+    assert in_main_thread == [not expected] * 3
     assert_scored(model, rows, read_output(dst.read_text(), "jsonl"))
 
 
 @pytest.mark.parametrize("ahead", [True, False], ids=["tokenize-ahead", "in-line"])
 def test_bad_row_after_scored_chunks_leaves_no_output(standin, tmp_path, monkeypatch, capsys, ahead):
-    """Standard input is not checked ahead: the bad row is met after two chunks were written to the temporary file
-    (tokenizing ahead: met by the worker thread, and reported by the main thread all the same)."""
+    """Standard input is not checked ahead: the bad row is met after one or (in line) two chunks were written to the
+    temporary file."""
     monkeypatch.setattr(infer, "CHUNK_ROWS", 2)
     monkeypatch.setattr(infer, "TOKENIZE_AHEAD", ahead)
     good = "".join(json.dumps({"query": q, "passage": p}) + "\n" for q, p in PAIRS)

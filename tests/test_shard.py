@@ -72,8 +72,9 @@ def assert_same_output(sharded: str, single: str, fmt: str) -> None:
     np.testing.assert_allclose([float(r["score"]) for r in got], [float(r["score"]) for r in want], atol=1e-5)
 
 
-@pytest.mark.parametrize("fmt", ["jsonl", "tsv", "csv"])
-def test_two_processes_write_what_one_writes(standin_dir, tmp_path, capsys, fmt):
+@pytest.mark.parametrize("fmt, ahead", [("jsonl", "0"), ("tsv", "0"), ("csv", "0"), ("jsonl", "1")],
+                         ids=["jsonl", "tsv", "csv", "jsonl-tokenize-ahead"])
+def test_two_processes_write_what_one_writes(standin_dir, tmp_path, capsys, fmt, ahead):
     work, log = tmp_path / "work", tmp_path / "log"
     work.mkdir(), log.mkdir()
     rows = [dict(r) for r in ROWS]
@@ -82,7 +83,7 @@ def test_two_processes_write_what_one_writes(standin_dir, tmp_path, capsys, fmt)
     src, dst = work / f"in.{fmt}", work / f"out.{fmt}"
     write_input(src, fmt, rows)
     done = torchrun("--model", standin_dir, *QUICK, "--input", src, "--output", dst,
-                    env_extra={"SHARD_TEST_LOG": str(log)})
+                    env_extra={"SHARD_TEST_LOG": str(log), "SHARD_TEST_AHEAD": ahead})
     assert done.returncode == 0, done.stderr
     assert done.stdout == "" and done.stderr == ""
     text = dst.read_text(encoding="utf-8")
@@ -147,15 +148,18 @@ def test_standard_input_is_refused(standin_dir, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("how, message", [("raise", "process 1: RuntimeError: injected crash"),
-                                          ("kill", "lost contact with another process")])
-def test_a_crash_in_one_process_stops_both(standin_dir, tmp_path, how, message):
+@pytest.mark.parametrize("how, message, ahead", [("raise", "process 1: RuntimeError: injected crash", "0"),
+                                                 ("kill", "lost contact with another process", "0"),
+                                                 ("raise", "process 1: RuntimeError: injected crash", "1")],
+                         ids=["raise", "kill", "raise-tokenize-ahead"])
+def test_a_crash_in_one_process_stops_both(standin_dir, tmp_path, how, message, ahead):
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_input(src, "jsonl", ROWS)
     dst.write_text("precious\n")
     start = time.monotonic()
+    crash = f"1:{how}:{ROWS[10]['passage']}"  # process 1's second chunk
     done = torchrun("--model", standin_dir, *QUICK, "--input", src, "--output", dst,
-                    env_extra={"SHARD_TEST_CRASH": f"1:{how}:{ROWS[10]['passage']}"})  # process 1's second chunk
+                    env_extra={"SHARD_TEST_CRASH": crash, "SHARD_TEST_AHEAD": ahead})
     assert done.returncode != 0
     assert time.monotonic() - start < 90
     assert_both_failed(done.stderr)
