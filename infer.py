@@ -37,7 +37,7 @@ DTYPE_CHOICES = ("fp32", "bf16", "fp16", "int8")
 FORMAT_CHOICES = ("jsonl", "tsv", "csv")
 CHUNK_ROWS = 1024  # rows read, scored and written at a time in file mode (also how often the progress bar moves)
 # Tokenize the next chunk in a worker thread while this one is scored (see `tokenized`): True, False, or None for
-# "on a GPU only" (a CPU scores on the same cores the tokenizer needs: bench/infer_file.py, docs/performance.md)
+# "on a GPU only" (on a CPU tokenizing is under 1% of the time and no gain was measured: docs/performance.md)
 TOKENIZE_AHEAD = None
 # Under torchrun, how long a process waits for the others at an exchange: they may be loading the model (downloading
 # it, the first time) or scoring a chunk. One that takes longer is taken for hung, and the others stop.
