@@ -11,7 +11,6 @@ prints how long tokenizing alone takes (one thread calling the tokenizer as infe
 that tokenizing ahead can hide. The two ways must write the same bytes; the script stops if they do not.
 """
 
-import argparse
 import json
 import sys
 import tempfile
@@ -22,16 +21,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests"), str(REPO / "bench")]
 
 import infer  # noqa: E402
-from predict import bench_pairs  # noqa: E402
+from predict import bench_pairs, scoring_parser  # noqa: E402
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", help="checkpoint directory (default: build the stand-in in a temp dir)")
-    ap.add_argument("--pairs", type=int, default=2048)
-    ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--device", default="cpu")
+    ap = scoring_parser(__doc__, pairs=2048)
     ap.add_argument("--dtype", default="bf16", choices=infer.DTYPE_CHOICES)
     args = ap.parse_args()
 

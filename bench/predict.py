@@ -56,14 +56,20 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def scoring_parser(doc: str, pairs: int) -> argparse.ArgumentParser:
+    """The options of every scoring benchmark: --model, --pairs, --batch-size, --rounds, --device."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="checkpoint directory (default: build the stand-in in a temp dir)")
-    ap.add_argument("--pairs", type=int, default=256)
+    ap.add_argument("--pairs", type=int, default=pairs, help=f"card-like pairs to score (default {pairs})")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--only", help="comma-separated subset of systems")
+    ap.add_argument("--rounds", type=int, default=3, help="interleaved rounds; the best one counts (default 3)")
     ap.add_argument("--device", default="cpu", help="cpu (default) or cuda")
+    return ap
+
+
+def main():
+    ap = scoring_parser(__doc__, pairs=256)
+    ap.add_argument("--only", help="comma-separated subset of systems")
     ap.add_argument("--svg", help="also draw the pairs/s as a bar chart into this file (docs/performance.md's picture)")
     args = ap.parse_args()
     gpu = args.device.startswith("cuda")
