@@ -461,9 +461,7 @@ for epoch in range(start_epoch, epochs):
             if fast:
                 logits = train_model(pack([encodings[i] for i in rows], device))  # real tokens only
             else:
-                padded = ce.tokenizer.pad([encodings[i] for i in rows])  # dynamic padding to this batch's longest pair
-                if padded["attention_mask"].all():  # nothing padded: no mask, as transformers decides (here on the host)
-                    del padded["attention_mask"]
+                padded = ce.tokenizer.model_inputs([encodings[i] for i in rows])  # padded to this batch's longest pair
                 logits = train_model(**{k: torch.from_numpy(v).to(device) for k, v in padded.items()})
         loss = F.binary_cross_entropy_with_logits(logits.float(), labels)  # mean over the rows, fp32, outside autocast
         loss = loss * ((hi - lo) * world / len(batch))  # 1.0 on one process; DDP: this rank's share of the batch mean

@@ -207,9 +207,7 @@ class CrossEncoder:
         # while the GPU scores this one, with no wait between batches
         scored = []
         for idx in batches:
-            batch = self.tokenizer.pad([encodings[i] for i in idx])
-            if batch["attention_mask"].all():  # nothing padded: no mask (the model checks only masks on the CPU)
-                del batch["attention_mask"]
+            batch = self.tokenizer.model_inputs([encodings[i] for i in idx])
             inputs = {k: copy_in(torch.from_numpy(v), self.device) for k, v in batch.items()}
             scored.append((idx, precisions.logits(self.model, inputs, self.precision)))
         for idx, logits in scored:

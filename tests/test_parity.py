@@ -64,6 +64,16 @@ def test_padded_batch_holds_the_golden_ids(standin_model, golden, golden_pairs):
         assert types[row, :k].sum() == 0 and types[row, k:n].all() and not types[row, n:].any()
 
 
+def test_model_inputs_leave_out_the_mask_only_when_nothing_is_padded(standin_model, golden_pairs):
+    tokenizer = standin_model.tokenizer
+    encodings = tokenizer.encode(golden_pairs[:4])
+    padded = tokenizer.model_inputs(encodings)
+    assert len({len(e.ids) for e in encodings}) > 1 and padded.keys() == tokenizer.pad(encodings).keys()
+    unpadded = tokenizer.model_inputs([encodings[0]] * 3)
+    assert sorted(unpadded) == ["input_ids", "token_type_ids"]
+    np.testing.assert_array_equal(unpadded["input_ids"], tokenizer.pad([encodings[0]] * 3)["input_ids"])
+
+
 @pytest.mark.parametrize("max_length", [64, 100, 128, 512])
 def test_truncation_matches_the_tokenizers_library(standin_dir, raw_tokenizer, golden_pairs, max_length):
     """minilm truncates the two untruncated id lists itself; the Rust library's own LongestFirst pair truncation (what
