@@ -408,6 +408,7 @@ class Shards:
 
             if args.device in (None, "cuda") and args.dtype != "int8" and torch.cuda.is_available():
                 args.device = f"cuda:{os.environ.get('LOCAL_RANK', 0)}"  # one GPU per process
+                torch.cuda.set_device(args.device)  # else pinned host buffers make a context on GPU 0 in every process
             return load_model(args)
 
         fmt, total = self.agree(check_input)

@@ -1,24 +1,29 @@
 #!/usr/bin/env bash
 # Every GPU check and benchmark, in one call on the GPU machine (about 6-8 minutes on one H100):
 #   bash bench/gpu_prepare.sh                      # here, first: fills .gpu/ (see there)
-#   device run, carry [".gpu"]: bash bench/gpu.sh  # results as markdown + JSON under $OUT (or runs/gpu)
+#   device run, carry [".gpu"]: bash bench/gpu.sh  # results as markdown + JSON in runs/gpu/, and when $OUT is set
+#                                                  # (the device call), $OUT/gpu.tgz of them plus $OUT/parts.md, since
+#                                                  # only 8 files come back from a device call
 #   (with timeout_s under 600, also GPU_SECONDS=<a little less>: see DEADLINE below)
 # It runs: the CUDA tests (tests/test_cuda.py); train.py's fast and exact loops and the sentence-transformers trainer,
 # fp16, batch 16, card-like pairs (bench/train.py); scoring speed of minilm fp32/fp16/bf16 against
 # sentence-transformers fp32/fp16 (bench/predict.py); infer.py's file mode with and without tokenizing ahead
 # (bench/infer_file.py); fp16/bf16 against fp32 on the TyDi-ru ranker (bench/agreement.py). Most important first;
-# a failing or slow part is reported (exit status and seconds of each in $OUT/parts.md) and the rest still runs.
+# a failing or slow part is reported (exit status and seconds of each in parts.md) and the rest still runs.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-OUT=${OUT:-runs/gpu}
-mkdir -p "$OUT"
+RESULTS=runs/gpu
+rm -rf "$RESULTS" && mkdir -p "$RESULTS"
+pack() { [[ -z ${OUT:-} ]] || { tar -czf "$OUT/gpu.tgz" -C runs gpu; cp "$RESULTS/parts.md" "$OUT/"; }; }
+trap pack EXIT
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 MINILM_STANDIN=$PWD/.gpu/standin MINILM_TYDI=$PWD/.gpu/tydi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl \
   && export PYTHONPATH=/tmp/site
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  python3 -c "import torch, transformers, sentence_transformers as st; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| transformers', transformers.__version__, '| sentence-transformers', st.__version__)"
-} 2>&1 | tee "$OUT/versions.txt"
+  python3 -c "import torch, transformers, sentence_transformers as st; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'cudnn', torch.backends.cudnn.version(), '| transformers', transformers.__version__, '| sentence-transformers', st.__version__)"
+  python3 -m pip list 2>/dev/null | grep -iE '^(accelerate|datasets|fsspec|pyarrow|pandas|dill|multiprocess|xxhash) '
+} 2>&1 | tee "$RESULTS/versions.txt"
 # runs/tydi-ranker with its weights rounded to fp16 (as the stand-in's are), for bench/agreement.py: the stand-in's
 # tensors with the ranker's own on top (gpu_prepare.sh)
 python3 - <<'PY'
@@ -31,12 +36,12 @@ PY
 
 # Each part runs for at most its own cap and never past DEADLINE (seconds since the script started, kill grace
 # included), so that one slow or hung part costs only its own numbers and the results come back before the device
-# call's limit: set GPU_SECONDS a little under the call's timeout_s. $OUT/parts.md: each part's status and time.
+# call's limit: set GPU_SECONDS a little under the call's timeout_s. parts.md: each part's status and time.
 DEADLINE=${GPU_SECONDS:-570}
 status=0
-echo "| part | exit status | seconds |" > "$OUT/parts.md"
-echo "|---|---|---|" >> "$OUT/parts.md"
-part() {  # part NAME CAP_SECONDS COMMAND...: output in $OUT/NAME.md
+echo "| part | exit status | seconds |" > "$RESULTS/parts.md"
+echo "|---|---|---|" >> "$RESULTS/parts.md"
+part() {  # part NAME CAP_SECONDS COMMAND...: output in $RESULTS/NAME.md
   local name=$1 cap=$2 start=$SECONDS rc
   shift 2
   (( cap > DEADLINE - SECONDS - 10 )) && cap=$((DEADLINE - SECONDS - 10))  # timeout -k 10: up to 10 s more
@@ -44,22 +49,22 @@ part() {  # part NAME CAP_SECONDS COMMAND...: output in $OUT/NAME.md
     rc=skipped
   else
     echo "== $name (at most ${cap} s)"
-    timeout -k 10 "$cap" "$@" 2>&1 | tee "$OUT/$name.md"
+    timeout -k 10 "$cap" "$@" 2>&1 | tee "$RESULTS/$name.md"
     rc=${PIPESTATUS[0]}
-    (( rc == 124 || rc == 137 )) && echo "$name: stopped after ${cap} s" | tee -a "$OUT/$name.md"
+    (( rc == 124 || rc == 137 )) && echo "$name: stopped after ${cap} s" | tee -a "$RESULTS/$name.md"
   fi
   [[ $rc == 0 ]] || status=1
-  echo "| $name | $rc | $((SECONDS - start)) |" >> "$OUT/parts.md"
+  echo "| $name | $rc | $((SECONDS - start)) |" >> "$RESULTS/parts.md"
 }
 part tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
 part train 270 python3 bench/train.py --device cuda --model .gpu/standin --steps 2000 --log-every 500 --only fast,trainer \
-  --json "$OUT/train.json"
+  --json "$RESULTS/train.json"
 part predict 90 python3 bench/predict.py --device cuda --model .gpu/standin --pairs 4096 --batch-size 128 --rounds 3 \
-  --svg "$OUT/predict.svg"
+  --svg "$RESULTS/predict.svg"
 part infer_file 60 python3 bench/infer_file.py --device cuda --dtype fp16 --model .gpu/standin --pairs 16384 \
   --batch-size 128 --rounds 2
 part agreement 45 python3 bench/agreement.py --device cuda --model /tmp/tydi-ranker
 part train_exact 120 python3 bench/train.py --device cuda --model .gpu/standin --steps 400 --log-every 100 \
-  --only exact,fast --json "$OUT/train_exact.json"
-cat "$OUT/parts.md"
+  --only exact,fast --json "$RESULTS/train_exact.json"
+cat "$RESULTS/parts.md"
 exit $status
