@@ -72,19 +72,26 @@ class ShardError(Exception):
         self.status = status
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+def whole_number(minimum: int):
+    """An argparse type: a whole number of at least `minimum`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+    return parse
+
+
+positive_int = whole_number(1)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="infer.py",
+        usage="%(prog)s [options] QUERY PASSAGE [PASSAGE ...]  |  %(prog)s [options] --input FILE [--output FILE]",
         description="Score (query, passage) pairs with a cross-encoder reranker: rank passages for one query,\n"
         "or add a score to every row of a JSONL / TSV / CSV file.",
         epilog=EPILOG,
@@ -117,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                        f"(default: {DEFAULT_MODEL})")
     model.add_argument("--revision", help="Hub revision (branch, tag or commit) of --model")
     model.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="pairs per forward pass (default: 32)")
-    model.add_argument("--max-length", type=positive_int, metavar="N",
+    model.add_argument("--max-length", type=whole_number(4), metavar="N",
                        help="tokens per pair including [CLS]/[SEP]; longer pairs are truncated (default: the model's, 512)")
     model.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu; cpu for int8)")
     model.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp32",
@@ -146,11 +153,13 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error("nothing to score: give QUERY PASSAGE [PASSAGE ...] or --input FILE")
     if not args.passages:
         parser.error("give at least one PASSAGE after the QUERY")
-    if not args.query.strip():
-        parser.error("the QUERY is empty")
-    for i, passage in enumerate(args.passages, start=1):
-        if not passage.strip():
-            parser.error(f"PASSAGE {i} is empty")
+    for name, text in [("the QUERY", args.query), *((f"PASSAGE {i}", p) for i, p in enumerate(args.passages, start=1))]:
+        if not text.strip():
+            parser.error(f"{name} is empty")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:  # bytes that are not UTF-8 reach Python as lone surrogates
+            parser.error(f"{name} is not UTF-8 text")
 
 
 # ---------------------------------------------------------------------------------------------------------- model
@@ -185,6 +194,10 @@ def rank_passages(args) -> int:
     model = load_model(args)
     results = model.rank(args.query, args.passages, top_k=args.top_k, return_documents=True,
                          batch_size=args.batch_size, activation="sigmoid" if args.sigmoid else None)
+    for r in results:
+        if not math.isfinite(r["score"]):
+            raise UsageError(not_finite(f"PASSAGE {r['corpus_id'] + 1}", r["score"], args))
+    sys.stdout.reconfigure(encoding="utf-8")
     if args.json:
         print(json.dumps(results, ensure_ascii=False, indent=2))
         return 0
@@ -249,14 +262,26 @@ def tokenized(model, chunks):
 
 def score_chunk(model, chunk: list, encodings: list, writer: "RowWriter", args) -> None:
     logits = model.score_encodings(encodings, batch_size=args.batch_size)
-    scores = model.activate(logits, "sigmoid" if args.sigmoid else None)
-    for pair, score in zip(chunk, scores.tolist()):
+    scores = model.activate(logits, "sigmoid" if args.sigmoid else None).tolist()
+    for pair, score in zip(chunk, scores):
+        if not math.isfinite(score):
+            raise UsageError(not_finite(f"{'<stdin>' if args.input == '-' else args.input}:{pair.line}", score, args))
         writer.write(pair.row, score)
 
 
+def not_finite(where: str, score: float, args) -> str:
+    """The error for a NaN/inf score (fp16 overflow, or weights gone bad), which is never written as a result."""
+    hint = "; fp16 overflowed: use --dtype bf16 or fp32" if args.dtype == "fp16" else ""
+    return f"{where}: the model scored it {score}{hint}"
+
+
 def check_output(output: str, fmt: str) -> None:
-    if output == "-" or is_pipe(output):
+    if output == "-" or is_pipe(output) or open_fd(output) is not None:
         return
+    if not output:
+        raise UsageError("--output is empty; leave it out to write to standard output")
+    if output.endswith(("/", os.sep)):
+        raise UsageError(f"--output {output}: names a folder; give a file name")
     path = Path(os.path.realpath(output))
     if path.is_dir():
         raise UsageError(f"--output {output}: is a directory")
@@ -268,6 +293,19 @@ def check_output(output: str, fmt: str) -> None:
     suffix = "jsonl" if suffix in ("json", "ndjson") else suffix
     if suffix in FORMAT_CHOICES and suffix != fmt:
         raise UsageError(f"--output {output}: the output keeps the input's format ({fmt}); give it a .{fmt} name")
+
+
+def open_fd(path: str) -> int | None:
+    """The file descriptor that /dev/stdout, /dev/stderr, /dev/fd/N or /proc/self/fd/N names, else None. Such an
+    output is written through that descriptor: opening the path again would truncate a file the shell opened for
+    appending (`>> log`), and renaming onto it would replace that file."""
+    named = {"/dev/stdout": 1, "/dev/stderr": 2}
+    if path in named:
+        return named[path]
+    for prefix in ("/dev/fd/", "/proc/self/fd/", f"/proc/{os.getpid()}/fd/"):
+        if path.startswith(prefix) and path[len(prefix):].isdigit():
+            return int(path[len(prefix):])
+    return None
 
 
 def is_pipe(path: str) -> bool:
@@ -286,7 +324,8 @@ def output_file(output: str):
     A regular file is written under a temporary name beside it and renamed (an existing file stays untouched until
     then). Standard output, a pipe or /dev/null cannot be renamed onto: the rows are spooled to an anonymous temporary
     file and copied there at the end, so that a bad row prints nothing rather than half a result."""
-    if output != "-" and not is_pipe(output):
+    fd = 1 if output == "-" else open_fd(output)
+    if fd is None and not is_pipe(output):
         from minilm.checkpoint import atomic_open
 
         with atomic_open(Path(os.path.realpath(output))) as out:  # through a symlink: replace the file, keep the link
@@ -295,10 +334,13 @@ def output_file(output: str):
     with tempfile.TemporaryFile("w+", encoding="utf-8", newline="") as spool:
         yield spool
         spool.seek(0)
-        if output == "-":
+        if fd == 1:
             sys.stdout.reconfigure(encoding="utf-8")
             shutil.copyfileobj(spool, sys.stdout)
             sys.stdout.flush()
+        elif fd is not None:
+            with open(os.dup(fd), "w", encoding="utf-8", newline="") as out:  # where, and how, the shell opened it
+                shutil.copyfileobj(spool, out)
         else:
             with open(output, "w", encoding="utf-8", newline="") as out:
                 shutil.copyfileobj(spool, out)
@@ -319,8 +361,8 @@ def chunked(items, size: int):
 class RowWriter:
     """Writes rows in `fmt` with a `score` field added (or replaced): JSONL objects, TSV lines (fields joined by tabs,
     no quoting: the text goes back byte for byte), or CSV records quoted by the csv module; TSV/CSV with a header
-    (unless `header` is False: rows that go after another writer's). The score is the float32 value's shortest repr:
-    every digit needed to get the same float32 back."""
+    (unless `header` is False: rows that go after another writer's). The score is the float32 value as a Python float's
+    repr (up to 17 digits), which reads back to the same float32."""
 
     def __init__(self, out, fmt: str, header: bool = True):
         self.out = out
@@ -478,9 +520,18 @@ class Shards:
 
 def main(argv=None) -> int:
     parser = build_parser()
-    args = parser.parse_intermixed_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Everything after the first `--` is a passage, verbatim (argparse would also drop every later "--")
+    head, tail = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
+    args = parser.parse_intermixed_args(head)
+    if tail:
+        texts = ([] if args.query is None else [args.query]) + args.passages + tail
+        args.query, args.passages = texts[0], texts[1:]
     check_args(parser, args)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # like Ctrl-C: unwind, so no temporary output is left
+    if sys.stdout is None and (args.input is None or args.output == "-"):
+        return fail("standard output is closed")
+    for signum in (signal.SIGTERM, signal.SIGHUP):  # like Ctrl-C: unwind, so no temporary output is left
+        signal.signal(signum, stop)
     from minilm.data import DataError  # plain Python; torch is imported later, by load_model
 
     rank, world = torchrun_rank()
@@ -512,6 +563,12 @@ def main(argv=None) -> int:
     finally:
         if shards is not None:
             shards.leave()
+
+
+def stop(signum, frame):
+    if torchrun_rank()[0] == 0:
+        print(f"infer.py: stopped by {signal.Signals(signum).name}; no output written", file=sys.stderr)
+    sys.exit(128 + signum)
 
 
 def fail(message: str, status: int = 2, quiet: bool = False) -> int:

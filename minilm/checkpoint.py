@@ -41,6 +41,8 @@ def resolve(name_or_path: str, revision: str | None = None) -> Path:
     that does not exist (`./x`, `/a/b`, `a/b/c`) is an error, never a fallback to something else."""
     path = Path(name_or_path).expanduser()
     if path.is_dir():
+        if revision is not None:  # a folder has no revisions: using it anyway would score with some other version
+            raise CheckpointError(f"{name_or_path} is a local folder; a revision ({revision}) applies to Hub ids only")
         return _check_dir(path)
     looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or (os.sep != "/" and os.sep in name_or_path)
     if looks_like_path or path.exists():
@@ -196,6 +198,10 @@ def load_weights(model: torch.nn.Module, state: dict, source) -> None:
         if tensor.shape != expected[key].shape:
             raise CheckpointError(f"{source}: tensor {key} has shape {list(tensor.shape)}, the config expects {list(expected[key].shape)}")
     state = {k: v if v.dtype == torch.float32 else v.float() for k, v in state.items()}  # fp16/bf16 checkpoints
+    broken = [k for k, v in state.items() if v.device.type != "meta" and not bool(torch.isfinite(v).all())]
+    if broken:  # every score would be NaN: a diverged run's or a damaged file's weights
+        raise CheckpointError(f"{source}: tensor(s) {', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''} hold "
+                              "NaN or infinite values")
     model.load_state_dict(state, strict=False, assign=True)
     if initialised:
         warnings.warn(f"{source}: {', '.join(initialised)} not in the checkpoint, initialised randomly; fine-tune before use")
@@ -214,7 +220,7 @@ def atomic_path(path):
     The new file gets the old one's permissions, or those of any new file (mkstemp's are owner-only); they are set
     after writing, because some writers (safetensors) replace the file they are given."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:64]}.", suffix=".tmp")  # short: a legal name + suffix may be too long
     os.close(fd)
     try:
         yield tmp

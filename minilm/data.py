@@ -86,18 +86,27 @@ def read_rows(path: str, fmt: str):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line, parse_constant=not_json, parse_float=finite_float)
+                row = json.loads(line, parse_constant=not_json, parse_float=finite_float, object_pairs_hook=unique_keys)
             except json.JSONDecodeError as e:
                 raise DataError(f"{name}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
             except ValueError as e:
                 raise DataError(f"{name}:{n}: {e}") from None
+            except RecursionError:
+                raise DataError(f"{name}:{n}: JSON nested too deeply") from None
             if not isinstance(row, dict):
                 raise DataError(f"{name}:{n}: expected a JSON object, got {type(row).__name__}")
+            if "\\ud" in line.lower():  # a "\udXXX" escape may be a lone surrogate: valid JSON, but not text
+                for key, value in row.items():
+                    try:
+                        json.dumps({key: value}, ensure_ascii=False).encode("utf-8")
+                    except UnicodeEncodeError as e:
+                        raise DataError(f"{name}:{n}: field {shorten(key)!r}: not valid Unicode text ({e.reason})") from None
             yield n, row
         return
     if fmt == "tsv":
         records = ((n, line.rstrip("\n").removesuffix("\r").split("\t")) for n, line in lines if line.strip("\r\n"))
     else:
+        csv.field_size_limit(2**31 - 1)  # the default, 128 KiB, is the csv module's guard, not a CSV rule
         numbers = []  # csv.reader pulls lines one at a time: the last one pulled ends the current record
         reader = csv.reader(((numbers.append(n), line)[1] for n, line in lines), strict=True)  # a stray quote is an error
         records = csv_records(reader, numbers, name)
@@ -115,6 +124,21 @@ def read_rows(path: str, fmt: str):
 
 def not_json(constant: str):
     raise ValueError(f"{constant} is not JSON (Python writes it for a non-finite float; JSON has no such number)")
+
+
+def unique_keys(pairs: list) -> dict:
+    """A JSON object whose keys are all different (json.loads would keep the last of two "passage" fields)."""
+    row = dict(pairs)
+    if len(row) != len(pairs):
+        seen = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise ValueError(f"duplicate key {shorten(key)!r}")
+    return row
+
+
+def shorten(text: str, width: int = 60) -> str:
+    """`text` cut to `width` characters for an error message."""
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def finite_float(text: str) -> float:
@@ -140,12 +164,17 @@ def csv_records(reader, numbers, name):
 
 def parse_pair(row: dict, name: str, n: int, require_label: bool) -> Pair:
     """Check one row and turn it into a Pair; raise DataError naming the field otherwise."""
-    keys = next((k for k in TEXT_FIELDS if k[0] in row or k[1] in row), TEXT_FIELDS[0])
+    named = [k for k in TEXT_FIELDS if k[0] in row or k[1] in row]
+    if len(named) > 1:
+        raise DataError(f"{name}:{n}: the row has both {named[0][0]!r}/{named[0][1]!r} and {named[1][0]!r}/"
+                        f"{named[1][1]!r} fields: which pair to score is ambiguous")
+    keys = named[0] if named else TEXT_FIELDS[0]
     texts = []
     for key in keys:
         if key not in row:
+            has = ", ".join(repr(shorten(k)) for k in list(row)[:10]) + (", ..." if len(row) > 10 else "")
             raise DataError(f"{name}:{n}: missing field {key!r} (expected fields {keys[0]!r} and {keys[1]!r}; the row "
-                            f"has {', '.join(map(repr, row)) or 'none'})")
+                            f"has {has or 'none'})")
         value = row[key]
         if not isinstance(value, str):
             raise DataError(f"{name}:{n}: field {key!r}: expected text, got {json.dumps(value)}")

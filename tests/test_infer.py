@@ -9,6 +9,7 @@ stand-in checkpoint of tests/standin.py (conftest.py builds it once); its scores
 import csv
 import io
 import json
+import math
 import os
 import signal
 import stat
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -174,6 +176,34 @@ def test_rank_passage_starting_with_dash(standin, capsys):
     rc, out, err = run(capsys, "--model", standin, "--device", "cpu", "--json", QUERY, "--", "-5 degrees", "warm")
     assert rc == 0, err
     assert {r["text"] for r in json.loads(out)} == {"-5 degrees", "warm"}
+    # after the first `--` every argument is a passage, "--" too (argparse drops them all): ids stay the user's
+    rc, out, err = run(capsys, "--model", standin, "--device", "cpu", "--json", QUERY, "--", "first", "--", "third")
+    assert rc == 0, err
+    assert sorted((r["corpus_id"], r["text"]) for r in json.loads(out)) == [(0, "first"), (1, "--"), (2, "third")]
+
+
+def test_rank_arguments_that_are_not_utf8_exit_2(standin):
+    done = subprocess.run([sys.executable, "infer.py", "--model", str(standin), "q", b"caf\xe9"], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and "PASSAGE 1 is not UTF-8 text" in done.stderr, done.stderr
+
+
+def test_a_non_finite_score_is_an_error_never_a_result(standin, tmp_path, monkeypatch, capsys):
+    """fp16 overflow or weights gone NaN: no `nan` in a TSV, no invalid JSON, no output file; the row is named."""
+    from minilm.crossencoder import CrossEncoder
+
+    real = CrossEncoder.score_encodings
+    monkeypatch.setattr(CrossEncoder, "score_encodings",
+                        lambda self, enc, *a, **kw: real(self, enc, *a, **kw).index_fill(0, torch.tensor([len(enc) - 1]), math.nan))
+    src, dst = tmp_path / "in.tsv", tmp_path / "out.tsv"
+    write_input(src, "tsv", [{"query": q, "passage": p.replace("\n", " ")} for q, p in PAIRS])
+    rc, out, err = run(capsys, "--model", standin, "--device", "cpu", "--input", src, "--output", dst)
+    assert rc == 2
+    assert_one_line_error(err, f"{src}:{len(PAIRS) + 1}", "the model scored it nan")
+    assert sorted(tmp_path.iterdir()) == [src]
+    rc, out, err = run(capsys, "--model", standin, "--device", "cpu", "--json", "q", "a", "b")
+    assert rc == 2 and out == ""
+    assert_one_line_error(err, "PASSAGE 2: the model scored it nan")
 
 
 # ------------------------------------------------------------------------------------------------------- file mode
@@ -420,6 +450,25 @@ def test_interrupt_leaves_no_output(standin, tmp_path, monkeypatch, capsys, ahea
     assert list(tmp_path.iterdir()) == [src]
 
 
+def test_output_to_dev_stdout_appends_where_the_shell_says(standin, model, tmp_path):
+    """`--output /dev/stdout >> log.jsonl`: the rows go through the descriptor the shell opened for appending; opening
+    the path again (or renaming onto it) would wipe the log's earlier lines."""
+    src, log = tmp_path / "in.jsonl", tmp_path / "log.jsonl"
+    rows = [{"query": q, "passage": p} for q, p in PAIRS]
+    write_input(src, "jsonl", rows)
+    log.write_text("earlier line\n")
+    for output in ("/dev/stdout", "/dev/fd/1"):
+        with open(log, "a") as appended:
+            done = subprocess.run([sys.executable, "infer.py", "--model", str(standin), "--device", "cpu", "--quiet",
+                                   "--input", str(src), "--output", output], cwd=REPO, stdout=appended,
+                                  stderr=subprocess.PIPE, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+    lines = log.read_text().splitlines()
+    assert lines[0] == "earlier line" and len(lines) == 1 + 2 * len(rows)
+    assert_scored(model, rows, read_output("\n".join(lines[1 : 1 + len(rows)]) + "\n", "jsonl"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "log.jsonl"]
+
+
 def test_sigterm_leaves_no_output(standin, tmp_path):
     """SIGTERM (what `kill` and job schedulers send) while scoring: exit 143, no temporary file, the old output kept."""
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
@@ -457,6 +506,14 @@ BAD_INPUTS = {
                     "the number 1e400 does not fit a 64-bit float"),
     "csv-stray-quote": ("in.csv", 'query,passage\nq,"p\nq,p\n', ":2", "malformed CSV"),
     "header-without-columns": ("in.csv", "question,text\nq,p\n", ":2", "the row has 'question', 'text'"),
+    "duplicate-key": ("in.jsonl", '{"query": "q", "passage": "p"}\n{"query": "q", "passage": "a", "passage": "b"}\n', ":2",
+                      "duplicate key 'passage'"),
+    "both-field-pairs": ("in.jsonl", '{"query": "q", "passage": "p", "sentence_0": "a", "sentence_1": "b"}\n', ":1",
+                         "ambiguous"),
+    "surrogate-elsewhere": ("in.jsonl", '{"query": "q", "passage": "p", "note": "\\udfff"}\n', ":1",
+                            "field 'note': not valid Unicode text"),
+    "deep-nesting": ("in.jsonl", '{"query": "q", "passage": "p", "x": ' + "[" * 100000 + "]" * 100000 + "}\n", ":1",
+                     "nested too deeply"),
 }
 
 
@@ -519,12 +576,12 @@ def test_failed_stream_leaves_existing_output_untouched(standin, tmp_path, monke
 
 
 @pytest.mark.parametrize("output, problem", [("out.tsv", "keeps the input's format"), ("nodir/out.jsonl", "no such directory"),
-                                             (".", "is a directory")])
+                                             (".", "is a directory"), ("new/", "names a folder")])
 def test_bad_output(tmp_path, monkeypatch, capsys, output, problem):
     monkeypatch.setattr(infer, "load_model", no_load)
     src = tmp_path / "in.jsonl"
     src.write_text('{"query": "q", "passage": "p"}\n')
-    rc, _, err = run(capsys, "--input", src, "--output", tmp_path / output)
+    rc, _, err = run(capsys, "--input", src, "--output", f"{tmp_path}/{output}")  # as typed: a Path drops a last "/"
     assert rc == 2
     assert_one_line_error(err, problem)
     assert list(tmp_path.iterdir()) == [src]
@@ -543,6 +600,23 @@ def test_unknown_model_dir(tmp_path, capsys):
     assert_one_line_error(err, "not a checkpoint directory")
 
 
+def test_empty_output_name(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(infer, "load_model", no_load)
+    (tmp_path / "in.jsonl").write_text('{"query": "q", "passage": "p"}\n')
+    rc, _, err = run(capsys, "--input", tmp_path / "in.jsonl", "--output", "")
+    assert rc == 2
+    assert_one_line_error(err, "--output is empty")
+
+
+def test_a_csv_field_longer_than_the_csv_modules_default_limit(standin, model, tmp_path, capsys):
+    rows = [{"query": "q", "passage": "слово " * 30000}]  # 180,000 characters; the csv module stops at 131,072
+    src, dst = tmp_path / "in.csv", tmp_path / "out.csv"
+    write_input(src, "csv", rows)
+    rc, _, err = run(capsys, "--model", standin, "--device", "cpu", "--input", src, "--output", dst)
+    assert rc == 0, err
+    assert_scored(model, rows, read_output(dst.read_text(encoding="utf-8"), "csv"))
+
+
 def test_model_error_in_file_mode_leaves_no_output(tmp_path, capsys):
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     src.write_text('{"query": "q", "passage": "p"}\n')
@@ -555,6 +629,7 @@ def test_model_error_in_file_mode_leaves_no_output(tmp_path, capsys):
 @pytest.mark.parametrize("argv, problem", [
     (["--max-length", "1000"], "exceeds"),
     (["--device", "no-such-device"], "--device no-such-device"),
+    (["--revision", "v2"], "a revision (v2) applies to Hub ids only"),  # a folder has no revisions: never ignored
 ])
 def test_bad_model_options(standin, capsys, argv, problem):
     rc, _, err = run(capsys, "--model", standin, *argv, "q", "p")
