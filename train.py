@@ -46,6 +46,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import signal
 import sys
@@ -63,7 +64,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from minilm import precision as precisions
-from minilm.checkpoint import CheckpointError, atomic_write, fsync, write_json, write_text
+from minilm.checkpoint import TOKENIZER_FILES, CheckpointError, atomic_write, fsync, write_json, write_text
 from minilm.crossencoder import CrossEncoder
 from minilm.data import DataError, fingerprint, read_pairs
 from minilm.evaluate import evaluate, format_metrics
@@ -115,6 +116,7 @@ def parse_bool(text: str) -> bool:
 
 
 parse_bool.__name__ = "true|false"  # argparse says "invalid true|false value: 'x'"
+FP32_MAX = 3.4028234663852886e38  # the lr table, weight decay and the GradScaler's scale live in fp32
 METAVARS = {int: "N", float: "X", str: "TEXT", bool: "true|false"}
 
 
@@ -135,9 +137,11 @@ def parse_config(argv) -> TrainConfig:
         (not cfg.output, "--output DIR is required"),
         (cfg.epochs < 1 or cfg.batch_size < 1 or cfg.log_every < 1 or cfg.keep_checkpoints < 1, "--epochs, --batch-size, --log-every and --keep-checkpoints must be at least 1"),
         (min(cfg.max_length, cfg.eval_every, cfg.save_every, cfg.max_steps, cfg.seed) < 0, "--max-length, --eval-every, --save-every, --max-steps and --seed cannot be negative"),
-        (not cfg.lr > 0 or not math.isfinite(cfg.lr) or not 0 <= cfg.warmup_ratio <= 1 or not cfg.weight_decay >= 0 or not cfg.max_grad_norm > 0, "need a finite --lr > 0, 0 <= --warmup-ratio <= 1, --weight-decay >= 0, --max-grad-norm > 0"),
+        (cfg.seed >= 2**32, "--seed must be below 2**32 (numpy's limit)"),
+        (not 0 < cfg.lr < FP32_MAX or not 0 <= cfg.warmup_ratio <= 1 or not 0 <= cfg.weight_decay < FP32_MAX or not cfg.max_grad_norm > 0, "need 0 < --lr < 3.4e38 (fp32), 0 <= --warmup-ratio <= 1, 0 <= --weight-decay < 3.4e38, --max-grad-norm > 0"),
         (cfg.precision not in ("auto", "fp32", "fp16", "bf16"), f"--precision must be auto, fp32, fp16 or bf16, got {cfg.precision!r}"),
-        (not cfg.fp16_init_scale > 0 or cfg.fp16_growth_interval < 1, "--fp16-init-scale must be > 0 and --fp16-growth-interval >= 1"),
+        (not 0 < cfg.fp16_init_scale < FP32_MAX or cfg.fp16_growth_interval < 1, "--fp16-init-scale must be > 0 and finite, --fp16-growth-interval >= 1"),
+        (cfg.eval_every and not cfg.eval, "--eval-every needs --eval FILE"),
         (cfg.resume and cfg.overwrite_output, "--resume continues the run in --output; --overwrite-output starts over: not both"),
     ]:
         if bad:
@@ -152,7 +156,7 @@ def die(message):
 
 def checkpoints(folder, run=None):
     """checkpoint-STEP folders in `folder`, oldest first; with `run`, only those of that run (same run_info)."""
-    found = [p for p in Path(folder).glob("checkpoint-*") if p.is_dir() and p.name.split("-")[1].isdigit()]
+    found = [p for p in Path(folder).glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
     if run is not None:
         found = [p for p in found if {k: read_state(p).get(k) for k in run} == run]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
@@ -166,25 +170,44 @@ def read_state(ckpt) -> dict:
     return state if isinstance(state, dict) else {}
 
 
-def on_os_error(kind, error, traceback):
-    """A full disk or a vanished folder while logging or saving: one line, not a traceback (exit status 1)."""
-    if not issubclass(kind, OSError):
-        return sys.__excepthook__(kind, error, traceback)
-    print(f"train.py: error: {error}", file=sys.stderr)
+def one_line_errors(kind, error, traceback):
+    """A full disk or a vanished folder while logging or saving (exit status 1), or Ctrl-C: one line, no traceback."""
+    if issubclass(kind, KeyboardInterrupt):
+        print(f"train.py: interrupted{RESUME_HINT if cfg.save_every else ''}", file=sys.stderr)
+    elif issubclass(kind, OSError):
+        print(f"train.py: error: {error}", file=sys.stderr)
+    else:
+        sys.__excepthook__(kind, error, traceback)
+
+
+def stop(signum, frame):
+    print(f"train.py: stopped by {signal.Signals(signum).name}{RESUME_HINT if cfg.save_every else ''}", file=sys.stderr)
+    sys.exit(128 + signum)  # unwinds like Ctrl-C, so no temporary file is left behind
+
+
+RESUME_HINT = "; --resume latest continues from the last checkpoint"
 
 
 cfg = parse_config(sys.argv[1:])
-sys.excepthook = on_os_error
-signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # like Ctrl-C: unwind, so no temporary file is left behind
+sys.excepthook = one_line_errors
+for signum in (signal.SIGTERM, signal.SIGHUP):
+    signal.signal(signum, stop)
 out = Path(cfg.output)
 if out.exists() and not out.is_dir():
     die(f"--output {out}: exists and is not a folder")
 if not os.access(out if out.is_dir() else next(p for p in out.absolute().parents if p.exists()), os.W_OK):
     die(f"--output {out}: not writable")
-earlier = [p.name for p in checkpoints(out)] + (["log.jsonl"] if (out / "log.jsonl").exists() else [])
-if earlier and not (cfg.resume or cfg.overwrite_output):  # the Hugging Face Trainer's rule: never mix two runs
-    die(f"--output {out} holds an earlier run ({', '.join(earlier)}); pass --resume latest to continue it, "
-        "--overwrite-output true to start over (deletes its checkpoints), or choose another folder")
+if Path(cfg.model).expanduser().resolve() == out.resolve():
+    die(f"--output {out} is the --model folder: saving would overwrite the model trained from; choose another folder")
+# The Hugging Face Trainer's rule, stricter: never mix two runs, never overwrite files of someone else's
+earlier = sorted(p.name for p in out.iterdir() if not p.name.startswith(".checkpoint-")) if out.is_dir() else []
+if cfg.resume and cfg.resume != "latest" and earlier and Path(cfg.resume).resolve().parent != out.resolve():
+    die(f"--resume {cfg.resume}: its run is not the one in --output {out} ({', '.join(earlier[:5])}); to continue it "
+        "elsewhere, give an empty or new --output")
+if earlier and not (cfg.resume or cfg.overwrite_output):
+    die(f"--output {out} is not empty ({', '.join(earlier[:5])}{', ...' if len(earlier) > 5 else ''}); pass --resume "
+        "latest to continue the run there, --overwrite-output true to start over (deletes its model, logs and "
+        "checkpoints), or choose another folder")
 
 # -------------------------------------------------------------------------------------------- processes and device
 ddp = "RANK" in os.environ  # set by torchrun
@@ -282,7 +305,9 @@ tr_loss = torch.zeros((), device=device)  # fp32 sum of the step losses since th
 first_nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # the first step whose loss was inf/nan, 0: none
 interval = {"steps": 0, "tokens": 0, "padded": 0}  # the rest of what the next log line averages over
 # What must be the same for --resume to continue a run exactly (the data by content, the recipe, the processes)
-run_info = {"train_sha256": fingerprint(train_pairs), "train_size": N, "model": cfg.model, "exact": cfg.exact,
+run_info = {"train_sha256": fingerprint(train_pairs), "train_size": N, "exact": cfg.exact,
+            "model": str(Path(cfg.model).resolve()) if Path(cfg.model).is_dir() else cfg.model,
+            "log_every": cfg.log_every,
             "batch_size": cfg.batch_size, "total_steps": total_steps, "lr": cfg.lr, "warmup_ratio": cfg.warmup_ratio,
             "weight_decay": cfg.weight_decay, "max_grad_norm": cfg.max_grad_norm, "seed": cfg.seed, "precision": precision,
             "max_length": ce.max_length, "fp16_init_scale": cfg.fp16_init_scale,
@@ -313,12 +338,20 @@ def interval_totals():
 
 
 def stop_if_diverged():
-    """Exit 1 at the first non-finite loss (checked at log, checkpoint and end: no host sync per step)."""
+    """Exit 1 at the first non-finite loss or weight (checked at log, checkpoint and end: no host sync per step)."""
     bad = int(first_nonfinite)
     if bad:
-        print(f"train.py: error: the loss was not finite at step {bad} (the run diverged: try a lower --lr); nothing "
-              f"after it was saved{', the last checkpoint is kept' if cfg.save_every else ''}", file=sys.stderr)
-        sys.exit(1)
+        diverged(f"the loss was not finite at step {bad}")
+    broken = [n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())]  # the last update's
+    if broken:
+        diverged(f"weights are NaN or infinite after step {step} ({', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''})")
+
+
+def diverged(what):
+    kept = checkpoints(out, run_info) if master else []
+    print(f"train.py: error: {what} (the run diverged: try a lower --lr); nothing after it was saved"
+          f"{f', the last checkpoint ({kept[-1].name}) is kept' if kept else ''}", file=sys.stderr)
+    sys.exit(1)
 
 
 def save_checkpoint(step):
@@ -383,6 +416,12 @@ if cfg.resume:
         state = {k: saved[k] for k in state}
         taken.fill_(saved["scheduler_steps"])
         pending = saved["interval"]  # sums over all ranks: rank 0 carries them on
+        named = re.fullmatch(r"checkpoint-(\d+)", ckpt.name)
+        if not (isinstance(state["step"], int) and 0 < state["step"] <= total_steps and isinstance(state["history"], list)
+                and isinstance(state["loss_total"], (int, float)) and isinstance(pending, dict)):
+            raise ValueError("trainer_state.json: step, history, loss_total or interval of the wrong type or range")
+        if named and int(named[1]) != state["step"]:
+            raise ValueError(f"trainer_state.json says step {state['step']}, the folder's name step {named[1]}")
     except Exception as e:  # a truncated or foreign file: name it, do not train from a half-restored state
         die(f"--resume: {ckpt} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
     tr_loss.fill_(pending["loss"] if master else 0.0)
@@ -392,9 +431,11 @@ if cfg.resume:
 if master:
     try:
         out.mkdir(parents=True, exist_ok=True)
-        if cfg.overwrite_output:
+        if cfg.overwrite_output:  # the earlier run's files only: not a failed new run beside an old model
             for old in checkpoints(out):
                 shutil.rmtree(old)
+            for name in ("model.safetensors", "config.json", "README.md", "loss.svg", *TOKENIZER_FILES):
+                (out / name).unlink(missing_ok=True)
         for tmp in out.glob(".checkpoint-*.tmp"):  # left by a run killed while saving
             shutil.rmtree(tmp, ignore_errors=True)
         write_text(out / "log.jsonl", "".join(json_line(r) for r in state["history"]))
@@ -428,11 +469,14 @@ def log_interval(step, epoch, lr, grad_norm):
     interval = {"steps": 0, "tokens": 0, "padded": 0}
 
 
+eval_sha256 = fingerprint(eval_pairs)  # a resumed run may evaluate on other data: the model card shows this data's
+
+
 def run_eval(step):
     if not (eval_pairs and master):
         return
     metrics = evaluate(ce, eval_pairs)  # in fp32, whatever the training precision: comparable across runs
-    record({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
+    record({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}, "eval_sha256": eval_sha256})
     log(f"eval step {step} | {format_metrics(metrics)}")
 
 
@@ -508,7 +552,7 @@ run_eval(step)
 def model_card() -> str:
     """README.md of the saved model: how it was trained, its loss curve as a table, its evaluations."""
     losses = [r for r in state["history"] if "loss" in r]
-    evals = [r for r in state["history"] if "eval_mrr@10" in r]
+    evals = [r for r in state["history"] if r.get("eval_sha256") == eval_sha256]
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("train", "output", "resume", "overwrite_output") and v != ""}
     settings.update(epochs=epochs, precision=precision, processes=world, total_steps=total_steps)  # as run, not as asked
     return "\n".join([

@@ -243,15 +243,19 @@ class CrossEncoder:
         # The tokenizer files written are the ones this model uses: the source's own, or made from the loaded
         # tokenizer; a tokenizer file already in `path` that the source does not have would be read back instead
         # (tokenizer.json before vocab.txt, tokenizer_config.json's model_max_length), so it is removed.
+        # model_max_length is the max_length this model scores with (a model trained with --max-length 256 loads
+        # back truncating at 256, as sentence-transformers saves it), not the source's.
         for name in TOKENIZER_FILES:
-            if source is not None and (source / name).exists():
+            if name == "tokenizer_config.json":
+                config = {"tokenizer_class": "BertTokenizer", "do_lower_case": True}
+                if source is not None and (source / name).exists():
+                    config = read_json(source / name)
+                write_json(path / name, {**config, "model_max_length": self.max_length})
+            elif source is not None and (source / name).exists():
                 if (source / name).resolve() != (path / name).resolve():
                     atomic_write(path / name, lambda tmp, name=name: shutil.copyfile(source / name, tmp))
             elif name == "tokenizer.json":
                 atomic_write(path / name, lambda tmp: self.tokenizer.tokenizer.save(tmp))
-            elif name == "tokenizer_config.json":
-                write_json(path / name, {"tokenizer_class": "BertTokenizer", "do_lower_case": True,
-                                         "model_max_length": self.max_length})
             else:
                 (path / name).unlink(missing_ok=True)
         save_weights(path / "model.safetensors", self.model)

@@ -101,7 +101,11 @@ def test_save_pretrained_round_trip_is_exact(standin_model, standin_state, short
     assert len(keys) == 105 and keys == set(standin_state)
     assert not any("position_ids" in k for k in keys)
     for name in TOKENIZER_FILES:
-        assert (out / name).read_bytes() == (standin_model.source_dir / name).read_bytes()
+        if name == "tokenizer_config.json":  # the source's, with the max_length the model scores with
+            saved, source = (json.loads((folder / name).read_text()) for folder in (out, standin_model.source_dir))
+            assert saved == {**source, "model_max_length": standin_model.max_length}
+        else:
+            assert (out / name).read_bytes() == (standin_model.source_dir / name).read_bytes()
 
     loaded.save_pretrained(out)  # saving over the folder it was loaded from keeps it intact
     again = CrossEncoder.from_pretrained(out, device="cpu")
@@ -181,6 +185,9 @@ def test_save_into_a_reused_folder_writes_what_the_model_uses(standin_dir, golde
     model.save_pretrained(reused)
     again = CrossEncoder.from_pretrained(reused, device="cpu")
     assert again.max_length == model.max_length == 512
+    shorter = CrossEncoder.from_pretrained(source, device="cpu", max_length=48)  # as train.py --max-length 48 saves it
+    shorter.save_pretrained(tmp_path / "shorter")
+    assert CrossEncoder.from_pretrained(tmp_path / "shorter", device="cpu").max_length == 48
     assert not (reused / "special_tokens_map.json").exists()
     pairs = golden_pairs[:40] + [("Ёлка ЙОД", "Straße ÀÉÎ")]
     assert [e.ids for e in again.tokenizer.encode(pairs)] == [e.ids for e in model.tokenizer.encode(pairs)]

@@ -3,6 +3,7 @@ recipe, deterministic and resumable; and what every run does at its end (the las
 
 import json
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -173,3 +174,31 @@ def test_a_diverging_run_stops_with_status_1_and_keeps_the_last_good_checkpoint(
     kept = sorted(int(p.name.split("-")[1]) for p in tmp_path.glob("checkpoint-*"))
     assert kept and max(kept) < bad and not (tmp_path / "model.safetensors").exists()
     assert all(np.isfinite(r["loss"]) for r in read_log(tmp_path) if "loss" in r)
+
+
+def test_weights_gone_nan_are_never_saved_and_overwrite_clears_the_earlier_model(tiny_dir, tmp_path):
+    """A last update that overflows the weights (the loss before it was finite): exit 1, no model saved. With
+    --overwrite-output the earlier run's model and card are gone, not left beside the failed run's log; other files stay."""
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in ("model.safetensors", "README.md", "loss.svg", "log.jsonl", "notes.txt"):
+        (out / name).write_text("earlier")
+    (out / "checkpoint-3").mkdir()
+    result = subprocess.run([sys.executable, str(TRAIN), *map(str, short(tiny_dir, out, "--max-steps", 1, "--lr", 1e20,
+                                                                         "--weight-decay", 1e20, "--overwrite-output", "true"))],
+                            capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert result.returncode == 1, result.stderr
+    assert "weights are NaN or infinite after step 1" in result.stderr and "Traceback" not in result.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["log.jsonl", "notes.txt"]
+
+
+def test_ctrl_c_says_how_to_resume_in_one_line(tiny_dir, tmp_path):
+    args = short(tiny_dir, tmp_path / "out", "--max-steps", 100000, "--save-every", 1, "--keep-checkpoints", 1)
+    proc = subprocess.Popen([sys.executable, str(TRAIN), *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=REPO, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    assert "training pairs" in proc.stdout.readline()
+    assert proc.stdout.readline().startswith("step 1 |")  # training, and a checkpoint saved
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode in (-signal.SIGINT, 130)
+    assert err.strip() == "train.py: interrupted; --resume latest continues from the last checkpoint", err

@@ -120,7 +120,8 @@ def test_outputs(run):
     assert (state["step"], state["epoch"], state["batch_in_epoch"]) == (21, 3, 3)
 
     model = CrossEncoder.from_pretrained(run, device="cpu")  # the final model is a normal checkpoint folder
-    assert model.activation == "torch.nn.modules.linear.Identity" and model.max_length == 512
+    assert model.activation == "torch.nn.modules.linear.Identity"
+    assert model.max_length == ARGS["max_length"] < 512  # it scores with the length it was trained at
     assert model.predict(("вопрос", "ответ")).dtype.name == "float32"
     card = (run / "README.md").read_text()
     assert "base_model:" in card and "| 5.0000 | 30 |" in card and "44 pairs" in card and "| batch_size | `8` |" in card
@@ -134,8 +135,10 @@ def test_resume_ends_with_the_uninterrupted_weights(run, standin_dir, tmp_path):
     out = tmp_path / "resumed"
     out.mkdir()
     shutil.copytree(run / f"checkpoint-{RESUME_AT}", out / f"checkpoint-{RESUME_AT}")
+    shutil.copytree(run / "checkpoint-28", out / f"checkpoint-{RESUME_AT}-best")  # a user's copy: not a checkpoint-STEP
     result = train(*golden_args(standin_dir, out, "--resume", "latest", "--eval", PAIRS, "--eval-every", 4))
     assert f"resumed from {out / f'checkpoint-{RESUME_AT}'} at step {RESUME_AT}" in result.stdout
+    assert (out / f"checkpoint-{RESUME_AT}-best").is_dir()  # not pruned either
     assert (out / "model.safetensors").read_bytes() == (run / "model.safetensors").read_bytes()
     resumed, full = read_log(out), read_log(run)
     assert [r["loss"] for r in resumed if "loss" in r] == [r["loss"] for r in full if "loss" in r]  # 1-21 restored
@@ -240,7 +243,12 @@ def test_bad_data_exits_2_naming_the_line(tmp_path, train_inprocess, name, text,
     (["--precision", "fp8"], "--precision must be auto, fp32, fp16 or bf16"),
     (["--batch-size", "0"], "must be at least 1"),
     (["--warmup-ratio", "nan"], "0 <= --warmup-ratio <= 1"),
-    (["--lr", "inf"], "need a finite --lr > 0"),
+    (["--lr", "inf"], "need 0 < --lr < 3.4e38"),
+    (["--lr", "1e39"], "need 0 < --lr < 3.4e38"),  # a Python float, but inf in the fast loop's fp32 lr table
+    (["--weight-decay", "inf"], "0 <= --weight-decay < 3.4e38"),
+    (["--seed", str(2**32)], "--seed must be below 2**32"),
+    (["--fp16-init-scale", "inf"], "--fp16-init-scale must be > 0 and finite"),  # every step skipped, nothing trained
+    (["--eval-every", "5"], "--eval-every needs --eval FILE"),
     (["--seed", "-1"], "--seed cannot be negative"),
     (["--overwrite-output", "maybe"], "invalid true|false value: 'maybe'"),
     (["--precision", "fp16", "--device", "cpu"], "fp16 is for GPUs"),
@@ -275,7 +283,7 @@ def test_output_holding_another_run_is_refused_and_never_pruned(run, standin_dir
     out.mkdir()
     shutil.copytree(run / "checkpoint-28", out / "checkpoint-28")  # another run (30 steps), further along
     code, err = train_inprocess(*short_run(standin_dir, out))
-    assert code == 2 and "holds an earlier run (checkpoint-28)" in err and "--resume latest" in err, err
+    assert code == 2 and "is not empty (checkpoint-28)" in err and "--resume latest" in err, err
     code, err = train_inprocess(*short_run(standin_dir, out, "--resume", "latest"))
     assert code == 2 and "train_sha256" not in err and "total_steps 30 -> 2" in err and "max_length 80 -> 16" in err, err
     train(*short_run(standin_dir, out, "--overwrite-output", "true"))  # starts over: the old checkpoints go
@@ -297,7 +305,8 @@ def test_resume_refuses_changed_data_or_settings(run, standin_dir, tmp_path, tra
     assert code == 2 and "lr 5e-05 -> 0.0001" in err and "precision 'fp32' -> 'bf16'" in err, err
 
 
-@pytest.mark.parametrize("damage", ["truncated optimizer.pt", "no scaler.pt", "empty trainer_state.json"])
+@pytest.mark.parametrize("damage", ["truncated optimizer.pt", "no scaler.pt", "empty trainer_state.json",
+                                    "another step in trainer_state.json"])
 def test_resume_from_a_damaged_checkpoint_exits_2(run, standin_dir, tmp_path, train_inprocess, damage):
     ckpt = tmp_path / "checkpoint-28"
     shutil.copytree(run / "checkpoint-28", ckpt)
@@ -305,6 +314,9 @@ def test_resume_from_a_damaged_checkpoint_exits_2(run, standin_dir, tmp_path, tr
         (ckpt / "optimizer.pt").write_bytes((ckpt / "optimizer.pt").read_bytes()[:1000])
     elif damage.startswith("no"):
         (ckpt / "scaler.pt").unlink()
+    elif damage.startswith("another"):  # checkpoint-28 that says step 21 would resume at the wrong place
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        (ckpt / "trainer_state.json").write_text(json.dumps({**state, "step": 21}))
     else:
         (ckpt / "trainer_state.json").write_text("{}")
     code, err = train_inprocess(*golden_args(standin_dir, tmp_path / "x", "--resume", ckpt))
@@ -319,6 +331,24 @@ def test_eval_data_without_a_relevant_passage_exits_2(tmp_path, train_inprocess,
     with pytest.raises(SystemExit) as e:
         evaluate_main(["--model", "unused", "--data", str(tmp_path / "e.jsonl")])
     assert e.value.code == 2 and "no query has a relevant passage" in capsys.readouterr().err
+
+
+def test_output_that_is_not_this_runs_is_refused(run, standin_dir, tmp_path, train_inprocess):
+    """A folder with someone's files, the model's own folder, or another run's while resuming from elsewhere: refused
+    before anything is read or written (the Hugging Face Trainer would overwrite them)."""
+    (tmp_path / "t.jsonl").write_text(GOOD)
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    (notes / "notes.txt").write_text("mine")
+    code, err = train_inprocess("--train", tmp_path / "t.jsonl", "--output", notes)
+    assert code == 2 and "is not empty (notes.txt)" in err and "--overwrite-output true" in err, err
+    model = tmp_path / "model"
+    shutil.copytree(standin_dir, model)
+    code, err = train_inprocess("--model", model, "--train", tmp_path / "t.jsonl", "--output", model, "--overwrite-output", "true")
+    assert code == 2 and "is the --model folder" in err, err
+    code, err = train_inprocess("--train", tmp_path / "t.jsonl", "--output", notes, "--resume", run / "checkpoint-28")
+    assert code == 2 and "its run is not the one in --output" in err, err
+    assert sorted(p.name for p in notes.iterdir()) == ["notes.txt"] and len(list(model.iterdir())) == len(list(standin_dir.iterdir()))
 
 
 def test_output_that_is_a_file_exits_2(tmp_path, train_inprocess):
