@@ -191,7 +191,13 @@ def load_model(args):
 # ---------------------------------------------------------------------------------------------------- ranking mode
 
 def rank_passages(args) -> int:
+    from minilm.tokenizer import NoTokens
+
     model = load_model(args)
+    try:  # like an empty argument, which such a text would be scored as
+        model.tokenizer.encode([(args.query, p) for p in args.passages], require_tokens=True)
+    except NoTokens as e:
+        raise UsageError(f"{'the QUERY' if e.text == 'query' else f'PASSAGE {e.index + 1}'} {e.problem}") from None
     results = model.rank(args.query, args.passages, top_k=args.top_k, return_documents=True,
                          batch_size=args.batch_size, activation="sigmoid" if args.sigmoid else None)
     for r in results:
@@ -232,19 +238,25 @@ def score_file(args) -> int:
 
     with output_file(args.output) as out, progress_bar(total, args.quiet) as bar:
         writer = RowWriter(out, fmt)
-        for chunk, encodings in tokenized(model, chunked(iter_pairs(args.input, fmt), CHUNK_ROWS)):
+        for chunk, encodings in tokenized(model, chunked(iter_pairs(args.input, fmt), CHUNK_ROWS), args.input):
             score_chunk(model, chunk, encodings, writer, args)
             bar.update(len(chunk))
     return 0
 
 
-def tokenized(model, chunks):
+def tokenized(model, chunks, path: str):
     """(chunk, its encodings) for each chunk of rows. Tokenizing ahead (TOKENIZE_AHEAD), the next chunk is read here
     and tokenized by a worker thread while the caller scores this one: the Rust tokenizer releases the GIL, and a GPU
     would otherwise wait for the tokenizer between chunks. The reading stays in this thread, so that a read blocked on
     an idle pipe is still interrupted by Ctrl-C or SIGTERM, and the worker never holds more than one chunk's work."""
+    from minilm.data import DataError, shown
+    from minilm.tokenizer import NoTokens
+
     def tokenize(chunk):
-        return model.tokenizer.encode([(p.query, p.passage) for p in chunk])
+        try:
+            return model.tokenizer.encode([(p.query, p.passage) for p in chunk], require_tokens=True)
+        except NoTokens as e:  # like an empty field, which it would be scored as
+            raise DataError(f"{shown(path)}:{chunk[e.index].line}: the {e.text} {e.problem}") from None
 
     if not (model.device.type == "cuda" if TOKENIZE_AHEAD is None else TOKENIZE_AHEAD):
         yield from ((chunk, tokenize(chunk)) for chunk in chunks)
@@ -261,11 +273,13 @@ def tokenized(model, chunks):
 
 
 def score_chunk(model, chunk: list, encodings: list, writer: "RowWriter", args) -> None:
+    from minilm.data import shown
+
     logits = model.score_encodings(encodings, batch_size=args.batch_size)
     scores = model.activate(logits, "sigmoid" if args.sigmoid else None).tolist()
     for pair, score in zip(chunk, scores):
         if not math.isfinite(score):
-            raise UsageError(not_finite(f"{'<stdin>' if args.input == '-' else args.input}:{pair.line}", score, args))
+            raise UsageError(not_finite(f"{shown(args.input)}:{pair.line}", score, args))
         writer.write(pair.row, score)
 
 
@@ -455,7 +469,8 @@ class Shards:
 
         fmt, total = self.agree(check_input)
         model = self.agree(load)
-        mine = tokenized(model, itertools.islice(chunked(iter_pairs(args.input, fmt), CHUNK_ROWS), self.rank, None, self.world))
+        mine = tokenized(model, itertools.islice(chunked(iter_pairs(args.input, fmt), CHUNK_ROWS), self.rank, None, self.world),
+                         args.input)
 
         def score_mine(index: int) -> str:
             lines = io.StringIO()

@@ -66,10 +66,11 @@ from tqdm import tqdm
 from minilm import precision as precisions
 from minilm.checkpoint import TOKENIZER_FILES, CheckpointError, atomic_write, fsync, write_json, write_text
 from minilm.crossencoder import CrossEncoder
-from minilm.data import DataError, fingerprint, read_pairs
+from minilm.data import DataError, fingerprint, read_pairs, shown
 from minilm.evaluate import evaluate, format_metrics
 from minilm.metrics import RELEVANT, has_relevant
 from minilm.plot import line_chart_svg
+from minilm.tokenizer import NoTokens
 from minilm.unpadded import Unpadded, copy_in, pack
 
 
@@ -265,7 +266,10 @@ except (CheckpointError, ValueError, OSError) as e:
     die(e)
 model = ce.model  # fp32 parameters; autocast lowers the precision of the forward only
 t0 = time.time()
-encodings = ce.tokenizer.encode([(p.query, p.passage) for p in train_pairs])  # once; each batch is padded or packed
+try:  # once; each batch is padded or packed
+    encodings = ce.tokenizer.encode([(p.query, p.passage) for p in train_pairs], require_tokens=True)
+except NoTokens as e:  # like an empty field, which it would be trained on as
+    die(f"{shown(cfg.train)}:{train_pairs[e.index].line}: the {e.text} {e.problem}")
 labels_all = torch.tensor([p.label for p in train_pairs], dtype=torch.float32)
 train_model = Unpadded(model) if fast else model  # the fast loop's forward on real tokens only (minilm/unpadded.py)
 if ddp:

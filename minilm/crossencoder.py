@@ -181,7 +181,7 @@ class CrossEncoder:
         Pairs are tokenized once and scored longest first, so each batch pads little. A batch holds at most
         `batch_size` pairs and at most `max_batch_tokens` padded tokens (`model.max_batch_tokens`): on a CPU, small
         working sets stay in cache and are recycled by the allocator instead of page-faulting fresh memory on every op.
-        Batching changes results only at float-rounding level (~1e-7)."""
+        Batching (and where the weights sit in memory) changes results only at float-rounding level (~1e-6 relative)."""
         return self.score_encodings(self.tokenizer.encode(pairs), batch_size, show_progress_bar)
 
     @torch.inference_mode()

@@ -40,6 +40,11 @@ class Pair:
     row: dict = field(repr=False)  # every field of the input row, untouched (infer.py writes them back)
 
 
+def shown(path: str) -> str:
+    """How error messages name an input: its path, or <stdin> for '-'."""
+    return "<stdin>" if path == "-" else path
+
+
 def detect_format(path: str, fmt: str | None = None) -> str:
     """The format from `fmt` or the file extension; standard input ('-') is JSONL unless told otherwise."""
     if fmt is not None:
@@ -59,7 +64,7 @@ def detect_format(path: str, fmt: str | None = None) -> str:
 def text_lines(path: str):
     """Yield (line number, decoded line with its line break) of a file or stdin ('-'); bytes are decoded line by line
     so that invalid UTF-8 is reported on its real line."""
-    name = "<stdin>" if path == "-" else path
+    name = shown(path)
     try:
         f = sys.stdin.buffer if path == "-" else open(path, "rb")
     except OSError as e:
@@ -79,7 +84,7 @@ def text_lines(path: str):
 
 def read_rows(path: str, fmt: str):
     """Yield (line number, row dict) in file order. Rows keep every field of the input, untouched."""
-    name = "<stdin>" if path == "-" else path
+    name = shown(path)
     lines = text_lines(path)
     if fmt == "jsonl":
         for n, line in lines:
@@ -204,7 +209,7 @@ def parse_pair(row: dict, name: str, n: int, require_label: bool) -> Pair:
 
 def iter_pairs(path: str, fmt: str | None = None, require_label: bool = False):
     """Every row of a file as a checked Pair, streamed; an empty file is an error."""
-    name = "<stdin>" if path == "-" else path
+    name = shown(path)
     empty = True
     for n, row in read_rows(path, detect_format(path, fmt)):
         empty = False

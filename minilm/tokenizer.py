@@ -83,6 +83,16 @@ def longest_first(n_query: int, n_passage: int, budget: int) -> tuple[int, int]:
     return (min(long, n_query), min(short, n_passage)) if n_query > n_passage else (min(short, n_query), min(long, n_passage))
 
 
+class NoTokens(ValueError):
+    """A text of pair `index` ("query" or "passage") gives no tokens at all: it holds only spaces, control, zero-width
+    or combining characters, which the normalizer removes, so the model would score it as an empty text."""
+
+    def __init__(self, index: int, text: str):
+        self.index, self.text = index, text
+        self.problem = "has no tokens (only spaces, control, zero-width or combining characters)"
+        super().__init__(f"pair {index}: the {text} {self.problem}")
+
+
 class PairTokenizer:
     """Turns (query, passage) pairs into padded int64 arrays for the model."""
 
@@ -135,8 +145,10 @@ class PairTokenizer:
             raise ValueError(f"max_length {max_length} exceeds the model's {max_position_embeddings} position embeddings")
         return cls(tokenizer, max_length, config.get("pad_token", "[PAD]"))
 
-    def encode(self, pairs) -> list[PairEncoding]:
-        """Unpadded [CLS] query [SEP] passage [SEP] ids of (query, passage) pairs, truncated longest-first."""
+    def encode(self, pairs, require_tokens: bool = False) -> list[PairEncoding]:
+        """Unpadded [CLS] query [SEP] passage [SEP] ids of (query, passage) pairs, truncated longest-first.
+        require_tokens: raise NoTokens for a text that gives no token (scored as if empty, as sentence-transformers
+        would: infer.py and train.py refuse such rows, as they refuse empty ones)."""
         out = []
         budget = self.max_length - 3  # [CLS], [SEP], [SEP]
         cls, sep = [self.cls_id], [self.sep_id]
@@ -144,7 +156,9 @@ class PairTokenizer:
             chunk = pairs[start : start + ENCODE_BATCH]
             queries = self.heads([q for q, _ in chunk], budget)
             passages = self.heads([p for _, p in chunk], budget)
-            for (query, passage), (q, q_whole), (p, p_whole) in zip(chunk, queries, passages):
+            for i, ((query, passage), (q, q_whole), (p, p_whole)) in enumerate(zip(chunk, queries, passages), start):
+                if require_tokens and not (q and p):  # a head with no token is the whole text (see heads)
+                    raise NoTokens(i, "passage" if q else "query")
                 n_q, n_p = len(q), len(p)
                 # A cut text is known to be longer than the budget, which fixes what LongestFirst keeps, except for
                 # an odd budget's last token when both texts exceed it: that goes to the longer one, so count them.

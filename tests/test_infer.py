@@ -351,10 +351,10 @@ def test_next_chunk_is_tokenized_while_this_one_is_scored(standin, model, tmp_pa
     next_began, in_main_thread = [], []
     encode, score = type(model.tokenizer).encode, type(model).score_encodings
 
-    def encode_noted(self, pairs):
+    def encode_noted(self, pairs, **kw):
         in_main_thread.append(threading.current_thread() is threading.main_thread())
         began[sum(e.is_set() for e in began)].set()
-        return encode(self, pairs)
+        return encode(self, pairs, **kw)
 
     def score_noting_next(self, encodings, *args, **kw):
         i = len(next_began)
@@ -615,6 +615,20 @@ def test_a_csv_field_longer_than_the_csv_modules_default_limit(standin, model, t
     rc, _, err = run(capsys, "--model", standin, "--device", "cpu", "--input", src, "--output", dst)
     assert rc == 0, err
     assert_scored(model, rows, read_output(dst.read_text(encoding="utf-8"), "csv"))
+
+
+def test_text_with_no_tokens_is_refused_like_empty_text(standin, tmp_path, capsys):
+    """Zero-width spaces, a soft hyphen, a lone combining accent: the normalizer removes them all, so the model would
+    score an empty text, which is refused as a bad row (and as an argument)."""
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text('{"query": "q", "passage": "p"}\n{"query": "q", "passage": "\\u00ad \\u0301"}\n')
+    rc, out, err = run(capsys, "--model", standin, "--device", "cpu", "--input", src, "--output", dst)
+    assert rc == 2
+    assert_one_line_error(err, f"{src}:2: the passage has no tokens")
+    assert list(tmp_path.iterdir()) == [src]
+    rc, out, err = run(capsys, "--model", standin, "--device", "cpu", "\u200b\u200b", "p")
+    assert rc == 2 and out == ""
+    assert_one_line_error(err, "the QUERY has no tokens")
 
 
 def test_model_error_in_file_mode_leaves_no_output(tmp_path, capsys):

@@ -351,6 +351,13 @@ def test_output_that_is_not_this_runs_is_refused(run, standin_dir, tmp_path, tra
     assert sorted(p.name for p in notes.iterdir()) == ["notes.txt"] and len(list(model.iterdir())) == len(list(standin_dir.iterdir()))
 
 
+def test_a_text_with_no_tokens_exits_2_naming_the_line(standin_dir, tmp_path, train_inprocess):
+    (tmp_path / "t.jsonl").write_text(GOOD * 3 + '{"query": "\\u200b", "passage": "p", "label": 0}\n')
+    code, err = train_inprocess("--model", standin_dir, "--train", tmp_path / "t.jsonl", "--output", tmp_path / "out")
+    assert code == 2 and "t.jsonl:4: the query has no tokens" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
+
+
 def test_output_that_is_a_file_exits_2(tmp_path, train_inprocess):
     (tmp_path / "t.jsonl").write_text(GOOD)
     (tmp_path / "out").write_text("not a folder")
