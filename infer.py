@@ -19,6 +19,7 @@ are instant and the time to the first score is the time to load the model.
 
 import argparse
 import contextlib
+import fcntl
 import io
 import itertools
 import json
@@ -191,19 +192,21 @@ def load_model(args):
 # ---------------------------------------------------------------------------------------------------- ranking mode
 
 def rank_passages(args) -> int:
+    """CrossEncoder.rank, in steps: each can fail naming the argument at fault."""
+    from minilm.crossencoder import ranked
     from minilm.tokenizer import NoTokens
 
     model = load_model(args)
     try:  # like an empty argument, which such a text would be scored as
-        model.tokenizer.encode([(args.query, p) for p in args.passages], require_tokens=True)
+        encodings = model.tokenizer.encode([(args.query, p) for p in args.passages], require_tokens=True)
     except NoTokens as e:
         raise UsageError(f"{'the QUERY' if e.text == 'query' else f'PASSAGE {e.index + 1}'} {e.problem}") from None
-    results = model.rank(args.query, args.passages, top_k=args.top_k, return_documents=True,
-                         batch_size=args.batch_size, activation="sigmoid" if args.sigmoid else None)
-    for r in results:
-        if not math.isfinite(r["score"]):
-            raise UsageError(not_finite(f"PASSAGE {r['corpus_id'] + 1}", r["score"], args))
-    sys.stdout.reconfigure(encoding="utf-8")
+    logits = model.score_encodings(encodings, batch_size=args.batch_size)
+    check_finite(logits, lambda i: f"PASSAGE {i + 1}", args)
+    scores = model.activate(logits, "sigmoid" if args.sigmoid else None).tolist()
+    results = ranked(scores, args.passages, args.top_k, return_documents=True)
+    if hasattr(sys.stdout, "reconfigure"):  # not on a StringIO that a caller of main() put there
+        sys.stdout.reconfigure(encoding="utf-8")
     if args.json:
         print(json.dumps(results, ensure_ascii=False, indent=2))
         return 0
@@ -276,21 +279,32 @@ def score_chunk(model, chunk: list, encodings: list, writer: "RowWriter", args) 
     from minilm.data import shown
 
     logits = model.score_encodings(encodings, batch_size=args.batch_size)
-    scores = model.activate(logits, "sigmoid" if args.sigmoid else None).tolist()
-    for pair, score in zip(chunk, scores):
-        if not math.isfinite(score):
-            raise UsageError(not_finite(f"{shown(args.input)}:{pair.line}", score, args))
+    check_finite(logits, lambda i: f"{shown(args.input)}:{chunk[i].line}", args)
+    scores = model.activate(logits, "sigmoid" if args.sigmoid else None)
+    for pair, score in zip(chunk, scores.tolist()):
         writer.write(pair.row, score)
 
 
-def not_finite(where: str, score: float, args) -> str:
-    """The error for a NaN/inf score (fp16 overflow, or weights gone bad), which is never written as a result."""
-    hint = "; fp16 overflowed: use --dtype bf16 or fp32" if args.dtype == "fp16" else ""
-    return f"{where}: the model scored it {score}{hint}"
+def check_finite(logits, where, args) -> None:
+    """A NaN or infinite logit (fp16 overflow, weights gone bad) is an error naming the first pair (`where(index)`),
+    never a score: not even after a sigmoid, which would turn an overflow into a confident 1.0."""
+    if not bool(logits.isfinite().all()):
+        i = int((~logits.isfinite()).nonzero()[0])
+        hint = "; fp16 overflowed: use --dtype bf16 or fp32" if args.dtype == "fp16" else ""
+        raise UsageError(f"{where(i)}: the model scored it {logits[i].item()}{hint}")
 
 
 def check_output(output: str, fmt: str) -> None:
-    if output == "-" or is_pipe(output) or open_fd(output) is not None:
+    fd = open_fd(output)
+    if fd is not None:
+        try:
+            writable = (fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE) in (os.O_WRONLY, os.O_RDWR)
+        except OSError:
+            writable = False
+        if not writable:
+            raise UsageError(f"--output {output}: descriptor {fd} is not open for writing")
+        return
+    if output == "-" or is_pipe(output):
         return
     if not output:
         raise UsageError("--output is empty; leave it out to write to standard output")
@@ -543,10 +557,11 @@ def main(argv=None) -> int:
         texts = ([] if args.query is None else [args.query]) + args.passages + tail
         args.query, args.passages = texts[0], texts[1:]
     check_args(parser, args)
-    if sys.stdout is None and (args.input is None or args.output == "-"):
+    if sys.stdout is None and (args.input is None or args.output == "-" or open_fd(args.output) == 1):
         return fail("standard output is closed")
     for signum in (signal.SIGTERM, signal.SIGHUP):  # like Ctrl-C: unwind, so no temporary output is left
-        signal.signal(signum, stop)
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # under nohup, SIGHUP stays ignored
+            signal.signal(signum, stop)
     from minilm.data import DataError  # plain Python; torch is imported later, by load_model
 
     rank, world = torchrun_rank()

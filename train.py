@@ -163,6 +163,11 @@ def checkpoints(folder, run=None):
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def model_id(name_or_path: str) -> str:
+    """--model as a run is identified by: a local folder by its absolute path (however it was written), else the name."""
+    return str(Path(name_or_path).resolve()) if Path(name_or_path).is_dir() else name_or_path
+
+
 def read_state(ckpt) -> dict:
     try:
         state = json.loads((Path(ckpt) / "trainer_state.json").read_text(encoding="utf-8"))
@@ -174,7 +179,7 @@ def read_state(ckpt) -> dict:
 def one_line_errors(kind, error, traceback):
     """A full disk or a vanished folder while logging or saving (exit status 1), or Ctrl-C: one line, no traceback."""
     if issubclass(kind, KeyboardInterrupt):
-        print(f"train.py: interrupted{RESUME_HINT if cfg.save_every else ''}", file=sys.stderr)
+        say_stopped("interrupted")
     elif issubclass(kind, OSError):
         print(f"train.py: error: {error}", file=sys.stderr)
     else:
@@ -182,26 +187,29 @@ def one_line_errors(kind, error, traceback):
 
 
 def stop(signum, frame):
-    print(f"train.py: stopped by {signal.Signals(signum).name}{RESUME_HINT if cfg.save_every else ''}", file=sys.stderr)
+    say_stopped(f"stopped by {signal.Signals(signum).name}")
     sys.exit(128 + signum)  # unwinds like Ctrl-C, so no temporary file is left behind
 
 
-RESUME_HINT = "; --resume latest continues from the last checkpoint"
+def say_stopped(how):
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, process 0 speaks for all
+        hint = "; --resume latest continues from the last checkpoint" if checkpoints(out) else ""
+        print(f"train.py: {how}{hint}", file=sys.stderr)
 
 
 cfg = parse_config(sys.argv[1:])
+out = Path(cfg.output)
 sys.excepthook = one_line_errors
 for signum in (signal.SIGTERM, signal.SIGHUP):
-    signal.signal(signum, stop)
-out = Path(cfg.output)
+    if signal.getsignal(signum) is not signal.SIG_IGN:  # under nohup, SIGHUP stays ignored
+        signal.signal(signum, stop)
 if out.exists() and not out.is_dir():
     die(f"--output {out}: exists and is not a folder")
 if not os.access(out if out.is_dir() else next(p for p in out.absolute().parents if p.exists()), os.W_OK):
     die(f"--output {out}: not writable")
-if Path(cfg.model).expanduser().resolve() == out.resolve():
-    die(f"--output {out} is the --model folder: saving would overwrite the model trained from; choose another folder")
-# The Hugging Face Trainer's rule, stricter: never mix two runs, never overwrite files of someone else's
-earlier = sorted(p.name for p in out.iterdir() if not p.name.startswith(".checkpoint-")) if out.is_dir() else []
+# The Hugging Face Trainer's rule, stricter: never mix two runs, never overwrite files of someone else's (hidden
+# files such as .DS_Store or a killed run's .checkpoint-*.tmp do not count)
+earlier = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
 if cfg.resume and cfg.resume != "latest" and earlier and Path(cfg.resume).resolve().parent != out.resolve():
     die(f"--resume {cfg.resume}: its run is not the one in --output {out} ({', '.join(earlier[:5])}); to continue it "
         "elsewhere, give an empty or new --output")
@@ -265,6 +273,9 @@ try:
 except (CheckpointError, ValueError, OSError) as e:
     die(e)
 model = ce.model  # fp32 parameters; autocast lowers the precision of the forward only
+if ce.source_dir is not None and out.resolve() in (ce.source_dir.resolve(), *ce.source_dir.resolve().parents):
+    die(f"--output {out} holds the --model folder {ce.source_dir}: saving would overwrite the model trained from; "
+        "choose another folder")
 t0 = time.time()
 try:  # once; each batch is padded or packed
     encodings = ce.tokenizer.encode([(p.query, p.passage) for p in train_pairs], require_tokens=True)
@@ -310,7 +321,7 @@ first_nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # the first
 interval = {"steps": 0, "tokens": 0, "padded": 0}  # the rest of what the next log line averages over
 # What must be the same for --resume to continue a run exactly (the data by content, the recipe, the processes)
 run_info = {"train_sha256": fingerprint(train_pairs), "train_size": N, "exact": cfg.exact,
-            "model": str(Path(cfg.model).resolve()) if Path(cfg.model).is_dir() else cfg.model,
+            "model": model_id(cfg.model),
             "log_every": cfg.log_every,
             "batch_size": cfg.batch_size, "total_steps": total_steps, "lr": cfg.lr, "warmup_ratio": cfg.warmup_ratio,
             "weight_decay": cfg.weight_decay, "max_grad_norm": cfg.max_grad_norm, "seed": cfg.seed, "precision": precision,
@@ -352,7 +363,9 @@ def stop_if_diverged():
 
 
 def diverged(what):
-    kept = checkpoints(out, run_info) if master else []
+    if not master:  # process 0 speaks for all
+        sys.exit(1)
+    kept = checkpoints(out, run_info)
     print(f"train.py: error: {what} (the run diverged: try a lower --lr); nothing after it was saved"
           f"{f', the last checkpoint ({kept[-1].name}) is kept' if kept else ''}", file=sys.stderr)
     sys.exit(1)
@@ -408,7 +421,10 @@ if cfg.resume:
     if missing or "step" not in saved:
         die(f"--resume: {ckpt} is not a complete checkpoint of train.py ({', '.join(missing) or 'trainer_state.json'} "
             "missing or unreadable)")
-    changed = [f"{k} {saved.get(k)!r} -> {v!r}" for k, v in run_info.items() if saved.get(k) != v]
+    if isinstance(saved.get("model"), str):
+        saved["model"] = model_id(saved["model"])  # checkpoints of earlier versions hold it as it was written
+    # a key an earlier version did not save (log_every) does not stop its checkpoints from resuming
+    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in run_info.items() if k in saved and saved[k] != v]
     if changed:
         die(f"--resume: this run differs from the checkpoint's ({'; '.join(changed)}); exact resumption needs the same "
             "data and settings")
@@ -556,7 +572,7 @@ run_eval(step)
 def model_card() -> str:
     """README.md of the saved model: how it was trained, its loss curve as a table, its evaluations."""
     losses = [r for r in state["history"] if "loss" in r]
-    evals = [r for r in state["history"] if r.get("eval_sha256") == eval_sha256]
+    evals = [r for r in state["history"] if "eval_mrr@10" in r and r.get("eval_sha256", eval_sha256) == eval_sha256]
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("train", "output", "resume", "overwrite_output") and v != ""}
     settings.update(epochs=epochs, precision=precision, processes=world, total_steps=total_steps)  # as run, not as asked
     return "\n".join([

@@ -16,6 +16,7 @@ RESULTS=runs/gpu
 rm -rf "$RESULTS" && mkdir -p "$RESULTS"
 pack() { [[ -z ${OUT:-} ]] || { tar -czf "$OUT/gpu.tgz" -C runs gpu; cp "$RESULTS/parts.md" "$OUT/"; }; }
 trap pack EXIT
+trap 'exit 143' TERM  # bash runs no EXIT trap when killed by a signal it does not handle
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 MINILM_STANDIN=$PWD/.gpu/standin MINILM_TYDI=$PWD/.gpu/tydi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .gpu/whl/*.whl \
   && export PYTHONPATH=/tmp/site
@@ -55,6 +56,7 @@ part() {  # part NAME CAP_SECONDS COMMAND...: output in $RESULTS/NAME.md
   fi
   [[ $rc == 0 ]] || status=1
   echo "| $name | $rc | $((SECONDS - start)) |" >> "$RESULTS/parts.md"
+  pack  # each part's results reach $OUT as soon as it ends, in case the call is cut off later
 }
 part tests 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
 part train 270 python3 bench/train.py --device cuda --model .gpu/standin --steps 2000 --log-every 500 --only fast,trainer \

@@ -95,6 +95,16 @@ def usable_device(device) -> torch.device:
     return device
 
 
+def ranked(scores, documents: list, top_k: int | None = None, return_documents: bool = False) -> list:
+    """rank's results from the documents' scores: [{"corpus_id", "score"[, "text"]}] highest first, ties in input order."""
+    results = [{"corpus_id": i, "score": float(s)} for i, s in enumerate(scores)]
+    if return_documents:
+        for r in results:
+            r["text"] = documents[r["corpus_id"]]
+    results.sort(key=lambda r: r["score"], reverse=True)  # stable: equal scores keep input order
+    return results[:top_k]
+
+
 class CrossEncoder:
     """A MiniLM/BERT cross-encoder with its tokenizer: `predict` scores pairs, `rank` orders passages for a query."""
 
@@ -225,12 +235,7 @@ class CrossEncoder:
             raise ValueError(f"top_k must be at least 1 (None: all documents), got {top_k}")
         documents = list(documents)
         scores = self.predict([(query, d) for d in documents], batch_size, activation, show_progress_bar)
-        results = [{"corpus_id": i, "score": float(s)} for i, s in enumerate(scores)]
-        if return_documents:
-            for r in results:
-                r["text"] = documents[r["corpus_id"]]
-        results.sort(key=lambda r: r["score"], reverse=True)  # stable: equal scores keep input order
-        return results[:top_k]
+        return ranked(scores, documents, top_k, return_documents)
 
     def save_pretrained(self, path) -> None:
         """Write a folder that minilm, sentence-transformers (5.1 and newer) and transformers all load, file by file

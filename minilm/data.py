@@ -23,6 +23,9 @@ from pathlib import Path
 
 FORMATS = ("jsonl", "tsv", "csv")
 TEXT_FIELDS = (("query", "passage"), ("sentence_0", "sentence_1"))
+# The csv module's default field limit, 128 Ki characters, refuses long passages; no limit would let one stray quote
+# pull the rest of a big file into memory before the error
+CSV_FIELD_CHARS = 64 << 20
 NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")  # what a data file means by a number: no "0_1", no "inf"
 
 
@@ -100,7 +103,7 @@ def read_rows(path: str, fmt: str):
                 raise DataError(f"{name}:{n}: JSON nested too deeply") from None
             if not isinstance(row, dict):
                 raise DataError(f"{name}:{n}: expected a JSON object, got {type(row).__name__}")
-            if "\\ud" in line.lower():  # a "\udXXX" escape may be a lone surrogate: valid JSON, but not text
+            if "\\ud" in line or "\\uD" in line:  # a "\udXXX" escape may be a lone surrogate: valid JSON, not text
                 for key, value in row.items():
                     try:
                         json.dumps({key: value}, ensure_ascii=False).encode("utf-8")
@@ -111,7 +114,7 @@ def read_rows(path: str, fmt: str):
     if fmt == "tsv":
         records = ((n, line.rstrip("\n").removesuffix("\r").split("\t")) for n, line in lines if line.strip("\r\n"))
     else:
-        csv.field_size_limit(2**31 - 1)  # the default, 128 KiB, is the csv module's guard, not a CSV rule
+        csv.field_size_limit(CSV_FIELD_CHARS)
         numbers = []  # csv.reader pulls lines one at a time: the last one pulled ends the current record
         reader = csv.reader(((numbers.append(n), line)[1] for n, line in lines), strict=True)  # a stray quote is an error
         records = csv_records(reader, numbers, name)

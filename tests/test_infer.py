@@ -201,9 +201,10 @@ def test_a_non_finite_score_is_an_error_never_a_result(standin, tmp_path, monkey
     assert rc == 2
     assert_one_line_error(err, f"{src}:{len(PAIRS) + 1}", "the model scored it nan")
     assert sorted(tmp_path.iterdir()) == [src]
-    rc, out, err = run(capsys, "--model", standin, "--device", "cpu", "--json", "q", "a", "b")
-    assert rc == 2 and out == ""
-    assert_one_line_error(err, "PASSAGE 2: the model scored it nan")
+    for top_k in ([], ["--top-k", "1"]):  # also when the NaN would not be among the results shown
+        rc, out, err = run(capsys, "--model", standin, "--device", "cpu", "--json", *top_k, "q", "a", "b")
+        assert rc == 2 and out == ""
+        assert_one_line_error(err, "PASSAGE 2: the model scored it nan")
 
 
 # ------------------------------------------------------------------------------------------------------- file mode
@@ -467,6 +468,43 @@ def test_output_to_dev_stdout_appends_where_the_shell_says(standin, model, tmp_p
     assert lines[0] == "earlier line" and len(lines) == 1 + 2 * len(rows)
     assert_scored(model, rows, read_output("\n".join(lines[1 : 1 + len(rows)]) + "\n", "jsonl"))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "log.jsonl"]
+
+
+def test_output_to_a_descriptor_not_open_for_writing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(infer, "load_model", no_load)  # refused before the model loads, not after scoring everything
+    (tmp_path / "in.jsonl").write_text('{"query": "q", "passage": "p"}\n')
+    fd = os.open(tmp_path / "in.jsonl", os.O_RDONLY)
+    try:
+        rc, _, err = run(capsys, "--input", tmp_path / "in.jsonl", "--output", f"/dev/fd/{fd}")
+    finally:
+        os.close(fd)
+    assert rc == 2
+    assert_one_line_error(err, f"descriptor {fd} is not open for writing")
+
+
+def test_sighup_stops_cleanly_but_not_under_nohup(standin, model, tmp_path):
+    """A closed terminal (SIGHUP) unwinds like SIGTERM: exit 129, no output. Under nohup (SIGHUP ignored) it is no
+    reason to stop."""
+    rows = [{"query": q, "passage": p} for q, p in PAIRS]
+    for ignored in (False, True):
+        dst = tmp_path / f"out-{ignored}.jsonl"
+        proc = subprocess.Popen([sys.executable, "infer.py", "--model", str(standin), "--device", "cpu", "--input", "-",
+                                 "--output", str(dst)], cwd=REPO, stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=(lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if ignored else None)
+        proc.stdin.write(json.dumps(rows[0]) + "\n")
+        proc.stdin.flush()
+        time.sleep(3)  # reading stdin, waiting for more rows
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1)
+        if ignored:
+            proc.stdin.write("".join(json.dumps(r) + "\n" for r in rows[1:]))
+        proc.stdin.close()
+        assert proc.wait(timeout=60) == (0 if ignored else 129), proc.stderr.read()
+        if ignored:
+            assert_scored(model, rows, read_output(dst.read_text(), "jsonl"))
+        else:
+            assert not dst.exists() and "stopped by SIGHUP" in proc.stderr.read()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out-True.jsonl"]
 
 
 def test_sigterm_leaves_no_output(standin, tmp_path):

@@ -345,7 +345,9 @@ def test_output_that_is_not_this_runs_is_refused(run, standin_dir, tmp_path, tra
     model = tmp_path / "model"
     shutil.copytree(standin_dir, model)
     code, err = train_inprocess("--model", model, "--train", tmp_path / "t.jsonl", "--output", model, "--overwrite-output", "true")
-    assert code == 2 and "is the --model folder" in err, err
+    assert code == 2 and "holds the --model folder" in err, err
+    code, err = train_inprocess("--model", model, "--train", tmp_path / "t.jsonl", "--output", tmp_path, "--overwrite-output", "true")
+    assert code == 2 and "holds the --model folder" in err, err  # the folder above it: --overwrite-output would empty it
     code, err = train_inprocess("--train", tmp_path / "t.jsonl", "--output", notes, "--resume", run / "checkpoint-28")
     assert code == 2 and "its run is not the one in --output" in err, err
     assert sorted(p.name for p in notes.iterdir()) == ["notes.txt"] and len(list(model.iterdir())) == len(list(standin_dir.iterdir()))
