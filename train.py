@@ -276,11 +276,19 @@ model = ce.model  # fp32 parameters; autocast lowers the precision of the forwar
 if ce.source_dir is not None and out.resolve() in (ce.source_dir.resolve(), *ce.source_dir.resolve().parents):
     die(f"--output {out} holds the --model folder {ce.source_dir}: saving would overwrite the model trained from; "
         "choose another folder")
+
+
+def encode(pairs, path):
+    """Token ids of every pair; a text with no tokens is a bad row, like an empty one (which it would be taken for)."""
+    try:
+        return ce.tokenizer.encode([(p.query, p.passage) for p in pairs], require_tokens=True)
+    except NoTokens as e:
+        die(f"{shown(path)}:{pairs[e.index].line}: the {e.text} {e.problem}")
+
+
 t0 = time.time()
-try:  # once; each batch is padded or packed
-    encodings = ce.tokenizer.encode([(p.query, p.passage) for p in train_pairs], require_tokens=True)
-except NoTokens as e:  # like an empty field, which it would be trained on as
-    die(f"{shown(cfg.train)}:{train_pairs[e.index].line}: the {e.text} {e.problem}")
+encodings = encode(train_pairs, cfg.train)  # once; each batch is padded or packed
+encode(eval_pairs, cfg.eval)  # checked only: evaluation scores them itself
 labels_all = torch.tensor([p.label for p in train_pairs], dtype=torch.float32)
 train_model = Unpadded(model) if fast else model  # the fast loop's forward on real tokens only (minilm/unpadded.py)
 if ddp:

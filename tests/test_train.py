@@ -354,9 +354,15 @@ def test_output_that_is_not_this_runs_is_refused(run, standin_dir, tmp_path, tra
 
 
 def test_a_text_with_no_tokens_exits_2_naming_the_line(standin_dir, tmp_path, train_inprocess):
-    (tmp_path / "t.jsonl").write_text(GOOD * 3 + '{"query": "\\u200b", "passage": "p", "label": 0}\n')
-    code, err = train_inprocess("--model", standin_dir, "--train", tmp_path / "t.jsonl", "--output", tmp_path / "out")
-    assert code == 2 and "t.jsonl:4: the query has no tokens" in err and len(err.strip().splitlines()) == 1, err
+    """Only zero-width or soft-hyphen characters: no tokens, refused like an empty text, in --train and in --eval."""
+    good, bad = tmp_path / "good.jsonl", tmp_path / "bad.jsonl"
+    good.write_text(GOOD)
+    bad.write_text(GOOD * 3 + '{"query": "\\u200b", "passage": "\\u00ad", "label": 0}\n')
+    for role in ("--train", "--eval"):
+        files = {"--train": good, "--eval": good, role: bad}
+        code, err = train_inprocess("--model", standin_dir, "--train", files["--train"], "--eval", files["--eval"],
+                                    "--output", tmp_path / "out")
+        assert code == 2 and "bad.jsonl:4: the query has no tokens" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()
 
 
