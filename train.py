@@ -117,6 +117,7 @@ def parse_bool(text: str) -> bool:
 
 
 parse_bool.__name__ = "true|false"  # argparse says "invalid true|false value: 'x'"
+MAX_STEPS = 100_000_000  # 1.6 billion pairs in batches of 16
 FP32_MAX = 3.4028234663852886e38  # the lr table, weight decay and the GradScaler's scale live in fp32
 METAVARS = {int: "N", float: "X", str: "TEXT", bool: "true|false"}
 
@@ -265,6 +266,8 @@ if eval_pairs and not has_relevant(p.label for p in eval_pairs):
 N = len(train_pairs)
 steps_per_epoch = math.ceil(N / cfg.batch_size)
 total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
+if total_steps > MAX_STEPS:  # the lr schedule is a table of every step's lr, on the device
+    die(f"{total_steps:,} steps: train.py runs at most {MAX_STEPS:,} (check --max-steps and --epochs)")
 epochs = math.ceil(total_steps / steps_per_epoch)
 
 # --------------------------------------------------------------------------------------------------------- model

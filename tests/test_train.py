@@ -249,6 +249,8 @@ def test_bad_data_exits_2_naming_the_line(tmp_path, train_inprocess, name, text,
     (["--seed", str(2**32)], "--seed must be below 2**32"),
     (["--fp16-init-scale", "inf"], "--fp16-init-scale must be > 0 and finite"),  # every step skipped, nothing trained
     (["--eval-every", "5"], "--eval-every needs --eval FILE"),
+    (["--max-steps", "300000000"], "train.py runs at most 100,000,000"),  # not a MemoryError building the lr table
+    (["--epochs", "200000000"], "train.py runs at most 100,000,000"),
     (["--seed", "-1"], "--seed cannot be negative"),
     (["--overwrite-output", "maybe"], "invalid true|false value: 'maybe'"),
     (["--precision", "fp16", "--device", "cpu"], "fp16 is for GPUs"),
