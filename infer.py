@@ -596,7 +596,7 @@ def main(argv=None) -> int:
 
 
 def stop(signum, frame):
-    if torchrun_rank()[0] == 0:
+    if torchrun_rank()[1] == 1:  # torchrun stops the other processes with SIGTERM when one fails: that one reports
         print(f"infer.py: stopped by {signal.Signals(signum).name}; no output written", file=sys.stderr)
     sys.exit(128 + signum)
 
