@@ -259,7 +259,7 @@ def tokenized(model, chunks, path: str):
         try:
             return model.tokenizer.encode([(p.query, p.passage) for p in chunk], require_tokens=True)
         except NoTokens as e:  # like an empty field, which it would be scored as
-            raise DataError(f"{shown(path)}:{chunk[e.index].line}: the {e.text} {e.problem}") from None
+            raise DataError(e.at(f"{shown(path)}:{chunk[e.index].line}")) from None
 
     if not (model.device.type == "cuda" if TOKENIZE_AHEAD is None else TOKENIZE_AHEAD):
         yield from ((chunk, tokenize(chunk)) for chunk in chunks)

@@ -117,6 +117,7 @@ def parse_bool(text: str) -> bool:
 
 
 parse_bool.__name__ = "true|false"  # argparse says "invalid true|false value: 'x'"
+CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")  # exactly: a user's checkpoint-500-best is not one
 MAX_STEPS = 100_000_000  # 1.6 billion pairs in batches of 16
 FP32_MAX = 3.4028234663852886e38  # the lr table, weight decay and the GradScaler's scale live in fp32
 METAVARS = {int: "N", float: "X", str: "TEXT", bool: "true|false"}
@@ -158,7 +159,7 @@ def die(message):
 
 def checkpoints(folder, run=None):
     """checkpoint-STEP folders in `folder`, oldest first; with `run`, only those of that run (same run_info)."""
-    found = [p for p in Path(folder).glob("checkpoint-*") if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)]
+    found = [p for p in Path(folder).glob("checkpoint-*") if p.is_dir() and CHECKPOINT_NAME.fullmatch(p.name)]
     if run is not None:
         found = [p for p in found if {k: read_state(p).get(k) for k in run} == run]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
@@ -286,7 +287,7 @@ def encode(pairs, path):
     try:
         return ce.tokenizer.encode([(p.query, p.passage) for p in pairs], require_tokens=True)
     except NoTokens as e:
-        die(f"{shown(path)}:{pairs[e.index].line}: the {e.text} {e.problem}")
+        die(e.at(f"{shown(path)}:{pairs[e.index].line}"))
 
 
 t0 = time.time()
@@ -447,7 +448,7 @@ if cfg.resume:
         state = {k: saved[k] for k in state}
         taken.fill_(saved["scheduler_steps"])
         pending = saved["interval"]  # sums over all ranks: rank 0 carries them on
-        named = re.fullmatch(r"checkpoint-(\d+)", ckpt.name)
+        named = CHECKPOINT_NAME.fullmatch(ckpt.name)
         if not (isinstance(state["step"], int) and 0 < state["step"] <= total_steps and isinstance(state["history"], list)
                 and isinstance(state["loss_total"], (int, float)) and isinstance(pending, dict)):
             raise ValueError("trainer_state.json: step, history, loss_total or interval of the wrong type or range")

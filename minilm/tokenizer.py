@@ -90,7 +90,11 @@ class NoTokens(ValueError):
     def __init__(self, index: int, text: str):
         self.index, self.text = index, text
         self.problem = "has no tokens (only spaces, control, zero-width or combining characters)"
-        super().__init__(f"pair {index}: the {text} {self.problem}")
+        super().__init__(self.at(f"pair {index}"))
+
+    def at(self, where: str) -> str:
+        """The message, saying where the pair came from ("train.jsonl:17")."""
+        return f"{where}: the {self.text} {self.problem}"
 
 
 class PairTokenizer:
