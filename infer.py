@@ -37,9 +37,11 @@ DEFAULT_MODEL = "cross-encoder/ms-marco-MiniLM-L6-v2"
 DTYPE_CHOICES = ("fp32", "bf16", "fp16", "int8")
 FORMAT_CHOICES = ("jsonl", "tsv", "csv")
 CHUNK_ROWS = 1024  # rows read, scored and written at a time in file mode (also how often the progress bar moves)
-# Tokenize the next chunk in a worker thread while this one is scored (see `tokenized`): True, False, or None for
-# "on a GPU only" (on a CPU tokenizing is under 1% of the time and no gain was measured: docs/performance.md)
-TOKENIZE_AHEAD = None
+# Tokenize the next chunk in a worker thread while this one is scored (see `tokenized`). Off: measured, it gained
+# nothing on a CPU (tokenizing is under 1% of the time there) and lost on an H100 (0.82x the pairs/s of tokenizing
+# in line: the tokenizer's threads and its Python part compete with the Python that launches the GPU's kernels);
+# docs/performance.md
+TOKENIZE_AHEAD = False
 # Under torchrun, how long a process waits for the others at an exchange: they may be loading the model (downloading
 # it, the first time) or scoring a chunk. One that takes longer is taken for hung, and the others stop.
 SHARD_TIMEOUT_S = 600
@@ -249,8 +251,8 @@ def score_file(args) -> int:
 
 def tokenized(model, chunks, path: str):
     """(chunk, its encodings) for each chunk of rows. Tokenizing ahead (TOKENIZE_AHEAD), the next chunk is read here
-    and tokenized by a worker thread while the caller scores this one: the Rust tokenizer releases the GIL, and a GPU
-    would otherwise wait for the tokenizer between chunks. The reading stays in this thread, so that a read blocked on
+    and tokenized by a worker thread while the caller scores this one (the Rust tokenizer releases the GIL), so that a
+    GPU need not wait for the tokenizer between chunks. The reading stays in this thread, so that a read blocked on
     an idle pipe is still interrupted by Ctrl-C or SIGTERM, and the worker never holds more than one chunk's work."""
     from minilm.data import DataError, shown
     from minilm.tokenizer import NoTokens
@@ -261,7 +263,7 @@ def tokenized(model, chunks, path: str):
         except NoTokens as e:  # like an empty field, which it would be scored as
             raise DataError(e.at(f"{shown(path)}:{chunk[e.index].line}")) from None
 
-    if not (model.device.type == "cuda" if TOKENIZE_AHEAD is None else TOKENIZE_AHEAD):
+    if not TOKENIZE_AHEAD:
         yield from ((chunk, tokenize(chunk)) for chunk in chunks)
         return
     with ThreadPoolExecutor(1, thread_name_prefix="tokenize") as worker:

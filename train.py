@@ -25,7 +25,8 @@ Sources: transformers/trainer.py (_inner_training_loop, create_optimizer), trans
 accelerate/data_loader.py (SeedableRandomSampler), torch/utils/data/dataloader.py (_BaseDataLoaderIter).
 The default, `--exact false`, keeps that recipe and changes how it is computed: batches packed without padding and
 cheaper dropout masks (minilm/unpadded.py), fused AdamW, no host sync per step, bf16 on CPUs with native bf16
-(docs/training.md).
+(docs/training.md); with --cuda-graphs true on one GPU, each step (`train_step`) is replayed as a CUDA graph
+(minilm/cuda_graphs.py).
 
 Outputs in --output: the model in Hugging Face format (loads in minilm, sentence-transformers and transformers) with
 a README.md model card, log.jsonl (one record per --log-every steps at full precision, plus evaluations and the final
@@ -66,6 +67,7 @@ from tqdm import tqdm
 from minilm import precision as precisions
 from minilm.checkpoint import TOKENIZER_FILES, CheckpointError, atomic_write, fsync, write_json, write_text
 from minilm.crossencoder import CrossEncoder
+from minilm.cuda_graphs import GraphedSteps
 from minilm.data import DataError, fingerprint, read_pairs, shown
 from minilm.evaluate import evaluate, format_metrics
 from minilm.metrics import RELEVANT, has_relevant
@@ -102,6 +104,11 @@ class TrainConfig:
     exact: bool = option(False, "true: the sentence-transformers trainer's own computation (bit for bit on a CPU in fp32: "
                                 "padded batches, its kernels and random draws); false: the fast loop, same recipe "
                                 "(unpadded batches, cheaper dropout masks, fused AdamW, no host sync per step)")
+    cuda_graphs: bool = option(False, "fast loop on one GPU: replay each step as a CUDA graph, batches padded to 64-token "
+                                      "length buckets (one graph per bucket, captured when first seen). The eager loop "
+                                      "waits on Python launching ~800 kernels a step (H100: GPU busy ~5 of 35 ms). Not yet "
+                                      "run on a GPU (bench/gpu.sh measures it). Not on CPUs, under torchrun or with "
+                                      "--exact true")
     resume: str = option("", "a checkpoint folder, or 'latest' for the newest in --output")
     overwrite_output: bool = option(False, "start over in an --output that holds an earlier run (its checkpoints are deleted)")
     max_steps: int = option(0, "> 0: train exactly this many steps, the schedule decaying to 0 there (overrides --epochs)")
@@ -247,8 +254,12 @@ except ValueError as e:
 if ddp:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 master = rank == 0
+graphed = cfg.cuda_graphs  # minilm/cuda_graphs.py
+if graphed and not (fast and device.type == "cuda" and not ddp):
+    die("--cuda-graphs true is for the fast loop on one GPU: not with --exact true, on a CPU or under torchrun")
 amp_dtype = precisions.AUTOCAST.get(precision)
-autocast = torch.autocast(device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
+# a graph must not keep autocast's cache of fp16 weight copies across replays (each weight is cast once per step anyway)
+autocast = torch.autocast(device.type, dtype=amp_dtype, cache_enabled=not graphed) if amp_dtype else nullcontext()
 
 
 def log(line):
@@ -294,7 +305,8 @@ t0 = time.time()
 encodings = encode(train_pairs, cfg.train)  # once; each batch is padded or packed
 encode(eval_pairs, cfg.eval)  # checked only: evaluation scores them itself
 labels_all = torch.tensor([p.label for p in train_pairs], dtype=torch.float32)
-train_model = Unpadded(model) if fast else model  # the fast loop's forward on real tokens only (minilm/unpadded.py)
+# the fast loop's forward on real tokens only (minilm/unpadded.py); as CUDA graphs, the padded model on length buckets
+train_model = Unpadded(model) if fast and not graphed else model
 if ddp:
     train_model = DDP(train_model, device_ids=[device] if device.type == "cuda" else None)
 
@@ -307,7 +319,7 @@ no_decay = {n for n, _ in model.named_parameters() if "bias" in n or "norm" in n
 optimizer = torch.optim.AdamW(  # exact: torch's default kernel choice, as optim="adamw_torch"; fast: one fused kernel
     [{"params": [p for n, p in model.named_parameters() if n not in no_decay], "weight_decay": cfg.weight_decay},
      {"params": [p for n, p in model.named_parameters() if n in no_decay], "weight_decay": 0.0}],
-    lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=fast or None)
+    lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, fused=fast or None, capturable=graphed)
 warmup = math.ceil(cfg.warmup_ratio * total_steps)
 
 
@@ -323,13 +335,16 @@ def lr_factor(s):  # transformers.get_linear_schedule_with_warmup; s = scheduler
 schedule = [cfg.lr * lr_factor(s) for s in range(total_steps + 1)]
 schedule_on_device = torch.tensor(schedule, dtype=torch.float32, device=device)  # fused AdamW's CUDA kernel reads fp32
 taken = torch.zeros((), dtype=torch.int64, device=device)
+lr_now = torch.zeros((), device=device)  # the fast loop's lr for this step, looked up on the device
 scaler = torch.amp.GradScaler(device.type, init_scale=cfg.fp16_init_scale, growth_factor=2.0, backoff_factor=0.5,
                               growth_interval=cfg.fp16_growth_interval, enabled=precision == "fp16")
 
 # -------------------------------------------------------------------------------------- checkpoints and resuming
 state = {"step": 0, "loss_total": 0.0, "history": []}  # loss_total: sum of the logged interval sums (the trainer's)
 tr_loss = torch.zeros((), device=device)  # fp32 sum of the step losses since the last log, like the trainer's tr_loss
+steps_done = torch.zeros((), dtype=torch.int64, device=device)  # `step` on the device, for first_nonfinite
 first_nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # the first step whose loss was inf/nan, 0: none
+grad_norm = torch.zeros((), device=device)  # the last step's, before clipping
 interval = {"steps": 0, "tokens": 0, "padded": 0}  # the rest of what the next log line averages over
 # What must be the same for --resume to continue a run exactly (the data by content, the recipe, the processes)
 run_info = {"train_sha256": fingerprint(train_pairs), "train_size": N, "exact": cfg.exact,
@@ -338,7 +353,7 @@ run_info = {"train_sha256": fingerprint(train_pairs), "train_size": N, "exact": 
             "batch_size": cfg.batch_size, "total_steps": total_steps, "lr": cfg.lr, "warmup_ratio": cfg.warmup_ratio,
             "weight_decay": cfg.weight_decay, "max_grad_norm": cfg.max_grad_norm, "seed": cfg.seed, "precision": precision,
             "max_length": ce.max_length, "fp16_init_scale": cfg.fp16_init_scale,
-            "fp16_growth_interval": cfg.fp16_growth_interval, "world_size": world}
+            "fp16_growth_interval": cfg.fp16_growth_interval, "world_size": world, "cuda_graphs": graphed}
 
 
 def rng_state() -> dict:
@@ -457,6 +472,7 @@ if cfg.resume:
     except Exception as e:  # a truncated or foreign file: name it, do not train from a half-restored state
         die(f"--resume: {ckpt} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
     tr_loss.fill_(pending["loss"] if master else 0.0)
+    steps_done.fill_(state["step"])
     interval = {"steps": pending["steps"], "tokens": pending["tokens"] if master else 0, "padded": pending["padded"]}
     log(f"resumed from {ckpt} at step {state['step']}")
 
@@ -483,7 +499,7 @@ def record(entry):
         log_file.flush()
 
 
-def log_interval(step, epoch, lr, grad_norm):
+def log_interval(step, epoch, lr):
     """The mean loss of the steps since the last log line, and what else the log shows (syncs the host: log time)."""
     global t_log, interval
     loss_sum, tokens = interval_totals()
@@ -515,8 +531,39 @@ def run_eval(step):
 # ------------------------------------------------------------------------------------------------------ the loop
 n_params = sum(p.numel() for p in model.parameters())
 log(f"{N} training pairs (tokenized in {time.time() - t0:.1f} s), {steps_per_epoch} steps/epoch, {total_steps} steps "
-    f"({epochs} epochs), {n_params / 1e6:.1f}M parameters, {'exact' if cfg.exact else 'fast'} loop, {precision} on "
-    f"{device}{f', {world} processes' if ddp else ''}, max_length {ce.max_length}")
+    f"({epochs} epochs), {n_params / 1e6:.1f}M parameters, {'exact' if cfg.exact else 'fast'} loop"
+    f"{' as CUDA graphs' if graphed else ''}, {precision} on {device}{f', {world} processes' if ddp else ''}, "
+    f"max_length {ce.max_length}")
+
+
+def train_step(inputs, labels, weight=1.0):
+    """One optimizer step on a batch already on the device. Everything it changes lives in tensors and, in the fast
+    loop, it reads nothing back to the host, so that on a GPU it can be captured once and replayed (cuda_graphs.py)."""
+    with autocast:
+        logits = train_model(**inputs) if isinstance(inputs, dict) else train_model(inputs)
+    loss = F.binary_cross_entropy_with_logits(logits.float(), labels)  # mean over the rows, fp32, outside autocast
+    loss = loss * weight
+    scaler.scale(loss).backward()
+    scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
+    grad_norm.copy_(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))  # norm before clipping
+    # index_select: indexing with the 0-dim `taken` itself would read it into Python (.item(), a sync on a GPU); into
+    # one lasting tensor, which a CUDA graph updates in place
+    lr = lr_now.copy_(schedule_on_device.index_select(0, taken.view(1)).view(())) if fast else schedule[int(taken)]
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    scaler.step(optimizer)  # skipped when fp16 gradients overflowed (then the norm is inf/nan); the scale halves
+    scaler.update()
+    taken.add_(torch.isfinite(grad_norm) if scaler.is_enabled() else 1)  # the schedule holds on a skipped step
+    optimizer.zero_grad(set_to_none=True)
+    tr_loss.add_(loss.detach() / world)
+    steps_done.add_(1)
+    first_bad = (first_nonfinite == 0) & ~torch.isfinite(loss.detach())
+    first_nonfinite.copy_(torch.where(first_bad, steps_done, first_nonfinite))  # masked_fill_ would read steps_done
+
+
+if graphed:
+    lasting = [taken, lr_now, tr_loss, steps_done, first_nonfinite, grad_norm]  # the loop's state on the device
+    graphed_steps = GraphedSteps(train_step, model, optimizer, scaler, lasting, ce.max_length, ce.tokenizer.pad_id)
 step = first_step = state["step"]
 t_start = t_log = time.time()
 bar = tqdm(total=total_steps, initial=step, disable=not master or not sys.stderr.isatty(), unit="step", dynamic_ncols=True)
@@ -531,39 +578,27 @@ for epoch in range(start_epoch, epochs):
         batch = order[b * cfg.batch_size : (b + 1) * cfg.batch_size]
         lo, hi = rank * len(batch) // world, (rank + 1) * len(batch) // world
         rows = batch[lo:hi] or batch[:1]  # a rank with no row computes one at weight 0
-        labels = copy_in(labels_all[rows], device)
+        weight = (hi - lo) * world / len(batch)  # 1.0 on one process; DDP: this rank's share of the batch mean
         train_model.train()
-        with autocast:
+        if graphed:  # padded to its length bucket, replayed (minilm/cuda_graphs.py)
+            graphed_steps(ce.tokenizer.pad([encodings[i] for i in rows]), labels_all[rows])
+        else:
             if fast:
-                logits = train_model(pack([encodings[i] for i in rows], device))  # real tokens only
+                inputs = pack([encodings[i] for i in rows], device)  # real tokens only
             else:
                 padded = ce.tokenizer.model_inputs([encodings[i] for i in rows])  # padded to this batch's longest pair
-                logits = train_model(**{k: torch.from_numpy(v).to(device) for k, v in padded.items()})
-        loss = F.binary_cross_entropy_with_logits(logits.float(), labels)  # mean over the rows, fp32, outside autocast
-        loss = loss * ((hi - lo) * world / len(batch))  # 1.0 on one process; DDP: this rank's share of the batch mean
-        scaler.scale(loss).backward()
-        scaler.unscale_(optimizer)  # clip the true gradients, not the scaled ones
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)  # norm before clipping
-        # index_select: indexing with the 0-dim `taken` itself would read it into Python (.item(), a sync on a GPU)
-        lr = schedule_on_device.index_select(0, taken.view(1)).view(()) if fast else schedule[int(taken)]
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        scaler.step(optimizer)  # skipped when fp16 gradients overflowed (then the norm is inf/nan); the scale halves
-        scaler.update()
-        taken += torch.isfinite(grad_norm) if scaler.is_enabled() else 1  # the schedule holds on a skipped step
-        optimizer.zero_grad(set_to_none=True)
-
+                inputs = {k: torch.from_numpy(v).to(device) for k, v in padded.items()}
+            train_step(inputs, copy_in(labels_all[rows], device), weight)
         step += 1
         bar.update(1)
-        tr_loss += loss.detach() / world
-        first_nonfinite.masked_fill_((first_nonfinite == 0) & ~torch.isfinite(loss.detach()), step)
         lengths = [len(encodings[i].ids) for i in rows]
         interval["steps"] += 1
         interval["tokens"] += sum(lengths)
-        interval["padded"] += sum(lengths) if fast else len(lengths) * max(lengths)  # the fast loop pads nothing
+        interval["padded"] += (len(lengths) * graphed_steps.length(max(lengths)) if graphed else sum(lengths) if fast
+                               else len(lengths) * max(lengths))  # the unpadded fast loop pads nothing
         if step % cfg.log_every == 0 or step == total_steps:  # the last, partial interval too
             stop_if_diverged()
-            log_interval(step, epoch + (b + 1) / steps_per_epoch, lr, grad_norm)
+            log_interval(step, epoch + (b + 1) / steps_per_epoch, optimizer.param_groups[0]["lr"])
         if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
             run_eval(step)
         if cfg.save_every and step % cfg.save_every == 0:

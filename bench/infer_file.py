@@ -1,6 +1,6 @@
-"""infer.py's file mode: the next chunk tokenized in a worker thread while this one is scored (infer.TOKENIZE_AHEAD; the
-default on a GPU) against tokenizing each chunk in line before scoring it (the default on a CPU). Same file, same
-loaded model, interleaved rounds.
+"""infer.py's file mode: the next chunk tokenized in a worker thread while this one is scored (infer.TOKENIZE_AHEAD)
+against tokenizing each chunk in line before scoring it (the default: the thread lost on an H100, docs/performance.md).
+Same file, same loaded model, interleaved rounds.
 
     python bench/infer_file.py                                          # CPU, bf16, 2,048 card-like pairs
     python bench/infer_file.py --device cuda --dtype fp16 --pairs 32768 --batch-size 128

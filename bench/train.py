@@ -38,10 +38,10 @@ def labelled_pairs(n: int) -> list[dict]:
     return [{"query": q, "passage": p, "label": float(labels[q, p[:40]])} for q, p in bench_pairs(n)]
 
 
-def run_minilm(model, train_file, args, exact: bool, out: Path) -> dict:
+def run_minilm(model, train_file, args, exact: bool, out: Path, *extra) -> dict:
     cmd = [sys.executable, str(REPO / "train.py"), "--model", model, "--train", str(train_file), "--output", str(out),
            "--max-steps", str(args.steps), "--log-every", str(args.log_every), "--device", args.device,
-           "--exact", str(exact).lower(), "--max-length", str(args.max_length)]
+           "--exact", str(exact).lower(), "--max-length", str(args.max_length), *extra]
     if args.precision:
         cmd += ["--precision", args.precision]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
@@ -115,7 +115,8 @@ def main():
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="default: each system's own")
-    ap.add_argument("--only", default="fast,exact,trainer", help="comma-separated subset of fast, exact, trainer")
+    ap.add_argument("--only", default="fast,exact,trainer",
+                    help="comma-separated subset of fast, fast-graphs (GPU only: --cuda-graphs true), exact, trainer")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
@@ -127,12 +128,20 @@ def main():
     train_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
     systems = {"fast": lambda: run_minilm(model, train_file, args, False, tmp / "fast"),
+               "fast-graphs": lambda: run_minilm(model, train_file, args, False, tmp / "graphs", "--cuda-graphs", "true"),
                "exact": lambda: run_minilm(model, train_file, args, True, tmp / "exact"),
                "trainer": lambda: run_st(model, rows, args, tmp / "st")}
     results, failed = {}, []
+
+    def write_json():
+        if args.json:
+            Path(args.json).write_text(json.dumps({"args": vars(args), "results": results, "failed": failed}, indent=2))
+
     for name in args.only.split(","):
         try:
             results[name] = systems[name]()
+            print(f"{name}: {results[name]['steps_per_s']:.3f} steps/s", flush=True)  # kept if a later system hangs
+            write_json()
         except ImportError as e:
             print(f"{name} skipped ({e})")
         except Exception:  # one system failing (e.g. the trainer's datasets on the GPU image) keeps the others' numbers
@@ -149,8 +158,7 @@ def main():
     print("\nmean loss per interval of", args.log_every, "steps:")
     for name, r in results.items():
         print(f"  {name:8s}", " ".join(f"{x:.4f}" for x in r["losses"]))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results, "failed": failed}, indent=2))
+    write_json()
     return 1 if failed else 0
 
 

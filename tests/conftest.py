@@ -37,6 +37,19 @@ def standin_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def no_dropout(standin_dir, tmp_path_factory):
+    """The stand-in with every dropout probability set to 0: then both loops compute the same function."""
+    folder = tmp_path_factory.mktemp("no_dropout")
+    for f in standin_dir.iterdir():
+        if f.name != "config.json":
+            (folder / f.name).symlink_to(f)
+    config = json.loads((standin_dir / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.fixture(scope="session")
 def standin_model(standin_dir):
     """minilm.CrossEncoder loaded from the stand-in, fp32 on the CPU. Shared: tests that change it must undo it."""
     from minilm import CrossEncoder

@@ -4,7 +4,7 @@ rounds), and two hooks around the scoring of a chunk (infer.score_chunk), set by
   SHARD_TEST_LOG=DIR          each process appends the passages it scores to DIR/RANK.txt
   SHARD_TEST_CRASH=R:HOW:TEXT process R, about to score the passage TEXT, raises RuntimeError (HOW=raise) or kills
                               itself with SIGKILL (HOW=kill)
-  SHARD_TEST_AHEAD=1          tokenize the next chunk in a worker thread, as on a GPU (infer.TOKENIZE_AHEAD)
+  SHARD_TEST_AHEAD=1          tokenize the next chunk in a worker thread (infer.TOKENIZE_AHEAD)
 """
 
 import os
@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import infer  # noqa: E402
 
 infer.CHUNK_ROWS = 3
-infer.TOKENIZE_AHEAD = os.environ.get("SHARD_TEST_AHEAD") == "1" or None
+infer.TOKENIZE_AHEAD = os.environ.get("SHARD_TEST_AHEAD") == "1"
 score_chunk = infer.score_chunk
 
 

@@ -2,7 +2,7 @@
 make the host wait for a GPU's results when their tensors are on one: a read of a tensor's value into Python
 (aten._local_scalar_dense: .item(), float(), int(), bool() of a tensor, indexing with a 0-dim tensor), ops whose output
 size depends on the data (nonzero, masked_select, indexing or index_put_ with a boolean mask, repeat_interleave without
-output_size), torch.equal, and every call of Tensor.cpu(), .tolist() and .numpy() (copies to the host; on a CPU they
+output_size), torch.equal, masked_fill with a tensor as the value (the CUDA kernel reads it with .item()), and every call of Tensor.cpu(), .tolist() and .numpy() (copies to the host; on a CPU they
 dispatch nothing). Not seen: `.to("cpu")` of a tensor already on the CPU. The count is the last line on stderr.
 fp16 is allowed on the CPU here (train.py refuses it there: emulated, slow) so that the GradScaler's path is counted too."""
 
@@ -21,7 +21,7 @@ import minilm.precision  # noqa: E402
 
 aten = torch.ops.aten
 SYNCING = {aten._local_scalar_dense.default, aten.nonzero.default, aten.masked_select.default, aten.equal.default,
-           aten.repeat_interleave.Tensor}
+           aten.repeat_interleave.Tensor, aten.masked_fill.Tensor, aten.masked_fill_.Tensor}
 MASK_INDEXED = {aten.index.Tensor, aten.index_put.default, aten.index_put_.default}
 
 

@@ -26,19 +26,6 @@ def short(model, output, *extra):
             "--device", "cpu", "--log-every", 1, *extra]
 
 
-@pytest.fixture(scope="module")
-def no_dropout(standin_dir, tmp_path_factory):
-    """The stand-in with every dropout probability set to 0: then both loops compute the same function."""
-    folder = tmp_path_factory.mktemp("no_dropout")
-    for f in standin_dir.iterdir():
-        if f.name != "config.json":
-            (folder / f.name).symlink_to(f)
-    config = json.loads((standin_dir / "config.json").read_text())
-    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
-
-
 def losses(folder):
     return np.array([r["loss"] for r in read_log(folder) if "loss" in r])
 
