@@ -64,10 +64,10 @@ from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
+from minilm import cuda_graphs
 from minilm import precision as precisions
 from minilm.checkpoint import TOKENIZER_FILES, CheckpointError, atomic_write, fsync, write_json, write_text
 from minilm.crossencoder import CrossEncoder
-from minilm.cuda_graphs import GraphedSteps
 from minilm.data import DataError, fingerprint, read_pairs, shown
 from minilm.evaluate import evaluate, format_metrics
 from minilm.metrics import RELEVANT, has_relevant
@@ -255,7 +255,7 @@ if ddp:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 master = rank == 0
 graphed = cfg.cuda_graphs  # minilm/cuda_graphs.py
-if graphed and not (fast and device.type == "cuda" and not ddp):
+if graphed and not (fast and cuda_graphs.usable(device) and not ddp):
     die("--cuda-graphs true is for the fast loop on one GPU: not with --exact true, on a CPU or under torchrun")
 amp_dtype = precisions.AUTOCAST.get(precision)
 # a graph must not keep autocast's cache of fp16 weight copies across replays (each weight is cast once per step anyway)
@@ -563,7 +563,7 @@ def train_step(inputs, labels, weight=1.0):
 
 if graphed:
     lasting = [taken, lr_now, tr_loss, steps_done, first_nonfinite, grad_norm]  # the loop's state on the device
-    graphed_steps = GraphedSteps(train_step, model, optimizer, scaler, lasting, ce.max_length, ce.tokenizer.pad_id)
+    graphed_steps = cuda_graphs.GraphedSteps(train_step, model, optimizer, scaler, lasting, ce.max_length, ce.tokenizer.pad_id)
 step = first_step = state["step"]
 t_start = t_log = time.time()
 bar = tqdm(total=total_steps, initial=step, disable=not master or not sys.stderr.isatty(), unit="step", dynamic_ncols=True)

@@ -32,6 +32,7 @@ def main():
                     help="steps timed, after as many warm-up steps (summarising 2 x 150 took over a minute on an H100 machine)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--exact", default="false")
+    ap.add_argument("--cuda-graphs", default="false", help="true: profile the replays of --cuda-graphs true")
     ap.add_argument("--top", type=int, default=15)
     args = ap.parse_args()
     from standin import model_or_standin
@@ -45,12 +46,12 @@ def main():
     rows = bench_train.labelled_pairs(2048)
     train_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
-    # The warm-up interval is logged apart from the profiled one: the profile covers both (the profiler cannot start
-    # mid-script), so per-step numbers are the second interval's wall time over the whole run's device time, less
-    # the first interval's share (its steps are as many and as long on average: the same recipe, the next batches).
+    # The profile covers the whole script (it cannot start mid-run): the wall time per step is the second log
+    # interval's (after warm-up), the device time per step the mean over all steps, warm-up included.
     out = tmp / "run"
     sys.argv = ["train.py", "--model", model, "--train", str(train_file), "--output", str(out), "--device", args.device,
-                "--max-steps", str(2 * args.steps), "--log-every", str(args.steps), "--exact", args.exact]
+                "--max-steps", str(2 * args.steps), "--log-every", str(args.steps), "--exact", args.exact,
+                "--cuda-graphs", args.cuda_graphs]
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if args.device.startswith("cuda") else [])
     with profile(activities=activities) as prof:
         runpy.run_path(str(REPO / "train.py"), run_name="__main__")
@@ -64,7 +65,8 @@ def main():
     on_device = [e for e in prof.events() if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
     device_total = sum(e.device_time_total for e in on_device) / 1e6  # seconds, the whole run
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx"))
-    print(f"train.py --exact {args.exact} on {args.device}: {steps} steps profiled ({args.steps} warm-up)")
+    print(f"train.py --exact {args.exact} --cuda-graphs {args.cuda_graphs} on {args.device}: {steps} steps profiled "
+          f"({args.steps} warm-up)")
     print(f"wall per step (profiled, second half): {wall * 1e3:.2f} ms")
     if args.device.startswith("cuda"):
         busy = device_total / steps

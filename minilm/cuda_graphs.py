@@ -28,6 +28,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 BUCKET = 64  # tokens; a multiple of 8 also keeps the memory-efficient attention kernel on its aligned path
 
 
+def usable(device: torch.device) -> bool:
+    """CUDA graphs need a CUDA device (tests/graphs_launch.py stands one in on a CPU to test this module's logic)."""
+    return device.type == "cuda"
+
+
 class GraphedSteps:
     """`steps(padded, labels)` runs `step(inputs, labels)` for one batch as a CUDA graph replay.
 
@@ -80,8 +85,15 @@ class GraphedSteps:
             self.step(dict(zip(("input_ids", "attention_mask", "token_type_ids"), inputs)), labels)
 
     def capture(self, inputs, labels) -> torch.cuda.CUDAGraph:
-        # Warm-up: one eager step on a side stream first, as torch's capture recipe asks (libraries initialise lazily
-        # on first use, which a capture must not see), then every tensor it changed is put back, RNG states included
+        self.warm_up(inputs, labels)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            self.run_step(inputs, labels)
+        return graph
+
+    def warm_up(self, inputs, labels):
+        """One eager step on a side stream before a capture, as torch's capture recipe asks (libraries initialise
+        lazily on first use, which a capture must not see), then every tensor it changed put back, RNG states too."""
         lasting = [*self.model.parameters(), *self.counters,
                    *(t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t))]
         saved, scaler_state = [t.clone() for t in lasting], self.scaler.state_dict()
@@ -95,7 +107,3 @@ class GraphedSteps:
             for t, s in zip(lasting, saved):
                 t.copy_(s)
         self.scaler.load_state_dict(scaler_state)  # fills its scale and growth tracker in place
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self.pool):
-            self.run_step(inputs, labels)
-        return graph

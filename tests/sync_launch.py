@@ -2,8 +2,8 @@
 make the host wait for a GPU's results when their tensors are on one: a read of a tensor's value into Python
 (aten._local_scalar_dense: .item(), float(), int(), bool() of a tensor, indexing with a 0-dim tensor), ops whose output
 size depends on the data (nonzero, masked_select, indexing or index_put_ with a boolean mask, repeat_interleave without
-output_size), torch.equal, masked_fill with a tensor as the value (the CUDA kernel reads it with .item()), and every call of Tensor.cpu(), .tolist() and .numpy() (copies to the host; on a CPU they
-dispatch nothing). Not seen: `.to("cpu")` of a tensor already on the CPU. The count is the last line on stderr.
+output_size), torch.equal, masked_fill with a tensor as the value (the CUDA kernel reads it with .item()), and every
+call of Tensor.cpu(), .tolist() and .numpy() (copies to the host; on a CPU they dispatch nothing). Not seen: `.to("cpu")` of a tensor already on the CPU. The count is the last line on stderr.
 fp16 is allowed on the CPU here (train.py refuses it there: emulated, slow) so that the GradScaler's path is counted too."""
 
 import atexit

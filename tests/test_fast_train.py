@@ -57,6 +57,43 @@ def test_fast_loop_resumes_to_the_uninterrupted_weights(standin_dir, tmp_path):
     assert list(losses(resumed)) == list(losses(full))
 
 
+def graphed_on_cpu(*args) -> str:
+    """train.py --cuda-graphs true under tests/graphs_launch.py (CUDA stood in for); the shapes it captured."""
+    done = subprocess.run([sys.executable, str(REPO / "tests" / "graphs_launch.py"), *map(str, args), "--cuda-graphs",
+                           "true"], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stderr.strip().splitlines()[-1]
+
+
+def test_cuda_graph_steps_are_the_exact_loops_steps(no_dropout, tmp_path):
+    """minilm/cuda_graphs.py on a CPU, its CUDA calls stood in for: dropout off, fp32, batches of 5 (the ninth has 4
+    rows) padded to 64-token buckets, three graphs, each after a warm-up step that must leave no trace (one left in
+    place would be an extra optimizer step), then train.py's step replayed: the exact loop's per-step losses within
+    1e-5 (relative) over 10 steps."""
+    args = ["--batch-size", 5, "--max-length", 512, "--max-steps", 10]
+    train(*short(no_dropout, tmp_path / "exact", *args, "--exact", "true"))
+    captured = graphed_on_cpu(*short(no_dropout, tmp_path / "graphs", *args, "--precision", "fp32"))
+    assert captured == "captured: [(5, 192), (5, 256), (4, 192)]"
+    exact, graphs = losses(tmp_path / "exact"), losses(tmp_path / "graphs")
+    assert len(exact) == 10 and exact[0] > 0.1
+    np.testing.assert_allclose(graphs, exact, rtol=1e-5)
+    padding = [r["padding"] for r in read_log(tmp_path / "graphs") if "loss" in r]
+    assert all(0 < x < 0.5 for x in padding)  # the buckets' padding, logged
+
+
+def test_cuda_graph_steps_resume_to_the_uninterrupted_weights(standin_dir, tmp_path):
+    """The same stand-in, dropout on: resumed from checkpoint 4, the bytes of the uninterrupted run (the warm-up
+    before each capture restores the random generators it drew from)."""
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    args = ["--batch-size", 5, "--max-length", 512, "--max-steps", 9, "--save-every", 4]
+    graphed_on_cpu(*short(standin_dir, full, *args, "--keep-checkpoints", 3))
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-4", resumed / "checkpoint-4")
+    graphed_on_cpu(*short(standin_dir, resumed, *args, "--resume", "latest"))
+    assert (resumed / "model.safetensors").read_bytes() == (full / "model.safetensors").read_bytes()
+    assert list(losses(resumed)) == list(losses(full))
+
+
 @pytest.fixture(scope="module")
 def tiny_dir(standin_dir, tmp_path_factory):
     """A 2-layer, 64-wide model with random weights and the stand-in's tokenizer: the same code paths, in a fraction
