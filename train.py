@@ -182,7 +182,9 @@ def read_state(ckpt) -> dict:
         state = json.loads((Path(ckpt) / "trainer_state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    return state if isinstance(state, dict) else {}
+    if not isinstance(state, dict):
+        return {}
+    return {"cuda_graphs": False, **state} if state else {}  # checkpoints written before the option: eager runs
 
 
 def one_line_errors(kind, error, traceback):
@@ -251,12 +253,12 @@ try:
     precisions.check(precision, device)
 except ValueError as e:
     die(f"--precision {precision}: {e}")
-if ddp:
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-master = rank == 0
 graphed = cfg.cuda_graphs  # minilm/cuda_graphs.py
 if graphed and not (fast and cuda_graphs.usable(device) and not ddp):
     die("--cuda-graphs true is for the fast loop on one GPU: not with --exact true, on a CPU or under torchrun")
+if ddp:
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+master = rank == 0
 amp_dtype = precisions.AUTOCAST.get(precision)
 # a graph must not keep autocast's cache of fp16 weight copies across replays (each weight is cast once per step anyway)
 autocast = torch.autocast(device.type, dtype=amp_dtype, cache_enabled=not graphed) if amp_dtype else nullcontext()
@@ -594,8 +596,10 @@ for epoch in range(start_epoch, epochs):
         lengths = [len(encodings[i].ids) for i in rows]
         interval["steps"] += 1
         interval["tokens"] += sum(lengths)
-        interval["padded"] += (len(lengths) * graphed_steps.length(max(lengths)) if graphed else sum(lengths) if fast
-                               else len(lengths) * max(lengths))  # the unpadded fast loop pads nothing
+        if graphed:  # padded to its length bucket
+            interval["padded"] += len(lengths) * cuda_graphs.padded_length(max(lengths), ce.max_length)
+        else:  # the exact loop pads to the batch's longest pair, the unpadded fast loop not at all
+            interval["padded"] += sum(lengths) if fast else len(lengths) * max(lengths)
         if step % cfg.log_every == 0 or step == total_steps:  # the last, partial interval too
             stop_if_diverged()
             log_interval(step, epoch + (b + 1) / steps_per_epoch, optimizer.param_groups[0]["lr"])

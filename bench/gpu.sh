@@ -60,9 +60,9 @@ part() {  # part NAME CAP_SECONDS COMMAND...: output in $RESULTS/NAME.md
   pack  # each part's results reach $OUT as soon as it ends, in case the call is cut off later
 }
 part tests 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
-# 6,000 pairs: 2,000 steps are 5.3 epochs, nearer the card's regime (12,431 pairs: 2.6 epochs) than the 15.6 epochs
-# of 2,048 pairs, whose last 500 steps (memorising) put the fast loop's mean loss 8% under the trainer's, the three
-# intervals before within 0.3% (docs/performance.md, the H100 run)
+# 6,000 pairs: 2,000 steps are 5.3 epochs (of the card's 12,431 pairs, 2.6), less memorisation than the 15.6 epochs
+# of 2,048 pairs, whose last 500 steps put the fast loop's mean loss 8% under the trainer's, the three intervals
+# before within 0.3% (docs/performance.md, the H100 run)
 part train 300 python3 bench/train.py --device cuda --model .gpu/standin --steps 2000 --log-every 500 --pairs 6000 \
   --only fast-graphs,fast,trainer --json "$RESULTS/train.json"
 part predict 90 python3 bench/predict.py --device cuda --model .gpu/standin --pairs 4096 --batch-size 128 --rounds 3 \

@@ -65,8 +65,8 @@ def main():
     on_device = [e for e in prof.events() if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)]
     device_total = sum(e.device_time_total for e in on_device) / 1e6  # seconds, the whole run
     launches = sum(e.count for e in events if e.key in ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx"))
-    print(f"train.py --exact {args.exact} --cuda-graphs {args.cuda_graphs} on {args.device}: {steps} steps profiled "
-          f"({args.steps} warm-up)")
+    print(f"train.py --exact {args.exact} --cuda-graphs {args.cuda_graphs} on {args.device}: {steps} steps profiled, "
+          f"wall time from the last {args.steps}")
     print(f"wall per step (profiled, second half): {wall * 1e3:.2f} ms")
     if args.device.startswith("cuda"):
         busy = device_total / steps

@@ -28,6 +28,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 BUCKET = 64  # tokens; a multiple of 8 also keeps the memory-efficient attention kernel on its aligned path
 
 
+def padded_length(longest: int, max_length: int) -> int:
+    """The length a batch is padded to when its longest pair has `longest` tokens: its bucket, at most max_length."""
+    return min(-(-longest // BUCKET) * BUCKET, max_length)
+
+
 def usable(device: torch.device) -> bool:
     """CUDA graphs need a CUDA device (tests/graphs_launch.py stands one in on a CPU to test this module's logic)."""
     return device.type == "cuda"
@@ -55,14 +60,10 @@ class GraphedSteps:
         if scaler.is_enabled():
             scaler.scale(torch.ones((), device=self.device))  # creates the scale and growth tracker (lazily made)
 
-    def length(self, longest: int) -> int:
-        """The padded length of a batch whose longest pair has `longest` tokens."""
-        return min(-(-longest // BUCKET) * BUCKET, self.max_length)
-
     def __call__(self, padded: dict, labels: torch.Tensor) -> None:
         """padded: tokenizer.pad()'s int64 arrays (B, T); labels: (B,) float32 on the host."""
         B, T = padded["input_ids"].shape
-        length = self.length(T)
+        length = padded_length(T, self.max_length)
         host = np.zeros((3, B, length), dtype=np.int64)  # input_ids, attention_mask, token_type_ids
         host[0] = self.pad_id
         for i, name in enumerate(("input_ids", "attention_mask", "token_type_ids")):

@@ -1,9 +1,11 @@
 """train.py with --cuda-graphs true on a CPU, as tests/test_fast_train.py starts it: the CUDA calls of
 minilm/cuda_graphs.py are stood in for, so that the rest of it runs for real (length buckets, static inputs, one graph
-per shape, the warm-up step before each capture and the undoing of it, RNG states included) together with train.py's
-step as a function of lasting tensors. A "capture" here runs the real warm-up and records the step; a "replay" runs it
-eagerly on the static inputs. The capture itself and replays on a GPU are tests/test_cuda.py's. The shapes captured
-are the last line on stderr."""
+per shape, the warm-up step before each capture and the undoing of it, RNG and GradScaler states included) together
+with train.py's step as a function of lasting tensors. A "capture" here runs the real warm-up and records the step; a
+"replay" runs the step's Python again on the static inputs, so what a real capture would freeze (an effect of the
+Python only at capture time) cannot show here: the capture itself and replays on a GPU are tests/test_cuda.py's. fp16
+is allowed on the CPU (as in tests/sync_launch.py), for the GradScaler's path. The shapes captured are the last line
+on stderr."""
 
 import atexit
 import contextlib
@@ -16,6 +18,7 @@ import torch
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+import minilm.precision  # noqa: E402
 from minilm import cuda_graphs  # noqa: E402
 
 
@@ -43,6 +46,7 @@ torch.cuda.Stream = torch.cuda.current_stream = lambda device=None: NoStream()
 torch.cuda.stream = lambda stream: contextlib.nullcontext()
 torch.Tensor.pin_memory = lambda self: self
 cuda_graphs.usable = lambda device: True
+minilm.precision.check = lambda precision, device: precision
 cuda_graphs.GraphedSteps.capture = capture
 atexit.register(lambda: print(f"captured: {captured}", file=sys.stderr))
 sys.argv = [str(REPO / "train.py"), *sys.argv[1:]]

@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 from minilm import CrossEncoder
 from minilm.checkpoint import save_weights
+from minilm.cuda_graphs import padded_length
 from minilm.model import Config, CrossEncoderModel
 from minilm.tokenizer import PairEncoding
 from minilm.unpadded import Unpadded, drop_mask, pack
@@ -57,10 +58,15 @@ def test_fast_loop_resumes_to_the_uninterrupted_weights(standin_dir, tmp_path):
     assert list(losses(resumed)) == list(losses(full))
 
 
-def graphed_on_cpu(*args) -> str:
-    """train.py --cuda-graphs true under tests/graphs_launch.py (CUDA stood in for); the shapes it captured."""
-    done = subprocess.run([sys.executable, str(REPO / "tests" / "graphs_launch.py"), *map(str, args), "--cuda-graphs",
+def graphs_launch(*args) -> subprocess.CompletedProcess:
+    """train.py --cuda-graphs true under tests/graphs_launch.py (CUDA stood in for)."""
+    return subprocess.run([sys.executable, str(REPO / "tests" / "graphs_launch.py"), *map(str, args), "--cuda-graphs",
                            "true"], capture_output=True, text=True, timeout=600, cwd=REPO)
+
+
+def graphed_on_cpu(*args) -> str:
+    """graphs_launch() that must succeed; the shapes it captured."""
+    done = graphs_launch(*args)
     assert done.returncode == 0, done.stderr[-3000:]
     return done.stderr.strip().splitlines()[-1]
 
@@ -92,6 +98,46 @@ def test_cuda_graph_steps_resume_to_the_uninterrupted_weights(standin_dir, tmp_p
     graphed_on_cpu(*short(standin_dir, resumed, *args, "--resume", "latest"))
     assert (resumed / "model.safetensors").read_bytes() == (full / "model.safetensors").read_bytes()
     assert list(losses(resumed)) == list(losses(full))
+
+
+def test_checkpoints_from_before_cuda_graphs_are_eager_runs(standin_dir, tmp_path):
+    """A trainer_state.json written before --cuda-graphs existed has no such key: an eager run's. Resuming it with
+    graphs is refused; without, it continues, and counts as this run's checkpoint (pruned by --keep-checkpoints)."""
+    out, args = tmp_path / "run", ["--max-steps", 6, "--save-every", 3]
+    train(*short(standin_dir, out, *args))
+    state = out / "checkpoint-3" / "trainer_state.json"
+    state.write_text(json.dumps({k: v for k, v in json.loads(state.read_text()).items() if k != "cuda_graphs"}))
+    shutil.rmtree(out / "checkpoint-6")
+    done = graphs_launch(*short(standin_dir, out, *args, "--resume", "latest"))
+    assert done.returncode == 2 and "cuda_graphs False -> True" in done.stderr, done.stderr[-3000:]
+    train(*short(standin_dir, out, *args, "--resume", "latest", "--keep-checkpoints", 1))
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-6"]
+
+
+def test_cuda_graph_length_buckets():
+    assert [padded_length(n, 512) for n in (1, 63, 64, 65, 128, 129, 511, 512)] == [64, 64, 64, 128, 128, 192, 512, 512]
+    assert [padded_length(n, 80) for n in (40, 64, 65, 80)] == [64, 64, 80, 80]  # never past max_length
+
+
+def test_cuda_graph_steps_keep_the_gradscalers_schedule(tiny_dir, tmp_path):
+    """fp16 (emulated on the CPU), the scale starting at 1 and doubling every 2 clean steps: the graphed loop logs the
+    exact loop's scales and, dropout off, its losses within 1e-3. The warm-up before each capture runs a GradScaler
+    update; left in place, the scale would double a step early."""
+    no_dropout = tmp_path / "tiny_no_dropout"
+    no_dropout.mkdir()
+    for f in tiny_dir.iterdir():
+        (no_dropout / f.name).symlink_to(f)
+    (no_dropout / "config.json").unlink()
+    config = json.loads((tiny_dir / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (no_dropout / "config.json").write_text(json.dumps(config))
+    args = ["--batch-size", 5, "--max-length", 512, "--max-steps", 8, "--precision", "fp16", "--fp16-init-scale", 1,
+            "--fp16-growth-interval", 2]
+    train(*short(no_dropout, tmp_path / "exact", *args, "--exact", "true"), cpu_fp16=True)
+    graphed_on_cpu(*short(no_dropout, tmp_path / "graphs", *args))
+    logs = [[r for r in read_log(tmp_path / name) if "loss" in r] for name in ("exact", "graphs")]
+    assert [r["scale"] for r in logs[1]] == [r["scale"] for r in logs[0]] == [1, 2, 2, 4, 4, 8, 8, 16]
+    np.testing.assert_allclose([r["loss"] for r in logs[1]], [r["loss"] for r in logs[0]], rtol=1e-3)
 
 
 @pytest.fixture(scope="module")
