@@ -39,7 +39,7 @@ def usable(device: torch.device) -> bool:
 
 
 class GraphedSteps:
-    """`steps(padded, labels)` runs `step(inputs, labels)` for one batch as a CUDA graph replay.
+    """`graphed(padded, labels)` runs `step(inputs, labels)` for one batch as a CUDA graph replay.
 
     step(inputs, labels): one training step on a dict of (B, T) int64 tensors (input_ids, attention_mask,
     token_type_ids) and (B,) float labels, every lasting effect in place on `model`'s parameters, `optimizer`'s state
