@@ -76,6 +76,9 @@ def text_lines(path: str):
         for n, raw in enumerate(f, start=1):
             if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
                 raw = raw[3:]
+            if n == 1 and b"\n" not in raw and b"\r" in raw.rstrip(b"\r"):  # the whole file is one "line"
+                raise DataError(f"{name}:1: lines end in a carriage return alone (classic Mac line breaks); convert them "
+                                "to newlines first, e.g. with tr '\\r' '\\n'")
             try:
                 yield n, raw.decode("utf-8")
             except UnicodeDecodeError as e:

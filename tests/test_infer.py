@@ -549,6 +549,10 @@ BAD_INPUTS = {
                          "ambiguous"),
     "surrogate-elsewhere": ("in.jsonl", '{"query": "q", "passage": "p", "note": "\\udfff"}\n', ":1",
                             "field 'note': not valid Unicode text"),
+    "cr-only-jsonl": ("in.jsonl", '{"query": "q", "passage": "p"}\r{"query": "q", "passage": "p"}\r', ":1",
+                      "lines end in a carriage return alone"),
+    "cr-only-tsv": ("in.tsv", "query\tpassage\rq\tp\r", ":1", "lines end in a carriage return alone"),
+    "cr-only-csv": ("in.csv", "query,passage\rq,p\r", ":1", "lines end in a carriage return alone"),
     "deep-nesting": ("in.jsonl", '{"query": "q", "passage": "p", "x": ' + "[" * 100000 + "]" * 100000 + "}\n", ":1",
                      "nested too deeply"),
 }
