@@ -106,9 +106,10 @@ class TrainConfig:
                                 "(unpadded batches, cheaper dropout masks, fused AdamW, no host sync per step)")
     cuda_graphs: bool = option(False, "fast loop on one GPU: replay each step as a CUDA graph, batches padded to 64-token "
                                       "length buckets (one graph per bucket, captured when first seen). The eager loop "
-                                      "waits on Python launching ~800 kernels a step (H100: GPU busy ~5 of 35 ms). Not yet "
-                                      "run on a GPU (bench/gpu.sh measures it). Not on CPUs, under torchrun or with "
-                                      "--exact true")
+                                      "waits on Python launching ~800 kernels a step (H100: GPU busy ~5 of 35 ms); graphs "
+                                      "ran 5.3x the trainer's steps/s there, but their losses fell faster than the "
+                                      "trainer's, not yet explained (docs/performance.md): off until then. Not on CPUs, "
+                                      "under torchrun or with --exact true")
     resume: str = option("", "a checkpoint folder, or 'latest' for the newest in --output")
     overwrite_output: bool = option(False, "start over in an --output that holds an earlier run (its checkpoints are deleted)")
     max_steps: int = option(0, "> 0: train exactly this many steps, the schedule decaying to 0 there (overrides --epochs)")

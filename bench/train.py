@@ -10,7 +10,8 @@ norm 1.0, seed 42). Speed is taken after the first --log-every steps (warm-up: a
 context): train.py's log.jsonl gives tokens/s per interval, the trainer is timed by a callback from the same step on.
 Each system's own precision default is used unless --precision says otherwise (fast loop: bf16 on CPUs with native
 bf16, fp16 on CUDA; exact loop and trainer: fp32 on CPUs, fp16 on CUDA). Printed: steps/s, real tokens/s, the ratio to
-the exact loop and to the trainer, the projected time of the card's 23,310 steps, and the mean loss per interval.
+the exact loop and to the trainer, the projected time of the card's 23,310 steps, and per interval the mean loss
+and the last step's lr and gradient norm.
 """
 
 import argparse
@@ -20,6 +21,7 @@ import sys
 import tempfile
 import time
 import traceback
+from contextlib import nullcontext
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -51,7 +53,8 @@ def run_minilm(model, train_file, args, exact: bool, out: Path, *extra) -> dict:
     seconds = sum(r["seconds"] for r in timed)
     return {"steps_per_s": (intervals[-1]["step"] - intervals[0]["step"]) / seconds,
             "tokens_per_s": sum(r["tokens_per_s"] * r["seconds"] for r in timed) / seconds,
-            "losses": [r["loss"] for r in intervals]}
+            "losses": [r["loss"] for r in intervals], "lrs": [r["lr"] for r in intervals],
+            "grad_norms": [r["grad_norm"] for r in intervals]}
 
 
 def real_tokens(model, rows, first: int, last: int) -> int:
@@ -71,14 +74,17 @@ def real_tokens(model, rows, first: int, last: int) -> int:
     return total
 
 
-def run_st(model, rows, args, out: Path) -> dict:
+def run_st(model, rows, args, out: Path, attention=None) -> dict:
+    """The trainer; attention="efficient": its SDPA calls held to the memory-efficient kernel (on a GPU the default
+    may be cuDNN's), the one train.py's CUDA graphs use, to tell a kernel's effect from the loop's."""
     import torch
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from datasets import Dataset
     from sentence_transformers.cross_encoder import CrossEncoder, CrossEncoderTrainer, CrossEncoderTrainingArguments
     from sentence_transformers.cross_encoder.losses import BinaryCrossEntropyLoss
     from transformers import TrainerCallback
 
-    losses, marks = [], {}
+    losses, lrs, grad_norms, marks = [], [], [], {}
 
     class Record(TrainerCallback):
         def on_step_end(self, args_, state, control, **kw):
@@ -90,6 +96,8 @@ def run_st(model, rows, args, out: Path) -> dict:
         def on_log(self, args_, state, control, logs=None, **kw):
             if logs and "loss" in logs:
                 losses.append(logs["loss"])
+                lrs.append(logs.get("learning_rate"))
+                grad_norms.append(logs.get("grad_norm"))
 
     ce = CrossEncoder(model, device=args.device, max_length=args.max_length)
     data = Dataset.from_dict({"sentence_0": [r["query"] for r in rows], "sentence_1": [r["passage"] for r in rows],
@@ -100,10 +108,12 @@ def run_st(model, rows, args, out: Path) -> dict:
         fp16=precision == "fp16", bf16=precision == "bf16", optim="adamw_torch", logging_steps=args.log_every,
         save_strategy="no", report_to="none", use_cpu=args.device == "cpu", disable_tqdm=True)
     trainer = CrossEncoderTrainer(model=ce, args=targs, train_dataset=data, loss=BinaryCrossEntropyLoss(ce), callbacks=[Record()])
-    trainer.train()
+    with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION) if attention == "efficient" else nullcontext():
+        trainer.train()
     seconds = marks[args.steps] - marks[args.log_every]
     tokens = real_tokens(model, rows, args.log_every, args.steps)
-    return {"steps_per_s": (args.steps - args.log_every) / seconds, "tokens_per_s": tokens / seconds, "losses": losses}
+    return {"steps_per_s": (args.steps - args.log_every) / seconds, "tokens_per_s": tokens / seconds, "losses": losses,
+            "lrs": lrs, "grad_norms": grad_norms}
 
 
 def main():
@@ -116,7 +126,8 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="default: each system's own")
     ap.add_argument("--only", default="fast,exact,trainer",
-                    help="comma-separated subset of fast, fast-graphs (GPU only: --cuda-graphs true), exact, trainer")
+                    help="comma-separated subset of fast, fast-graphs (GPU only: --cuda-graphs true), exact, trainer, "
+                         "trainer-efficient (its attention held to SDPA's memory-efficient kernel)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
@@ -130,7 +141,8 @@ def main():
     systems = {"fast": lambda: run_minilm(model, train_file, args, False, tmp / "fast"),
                "fast-graphs": lambda: run_minilm(model, train_file, args, False, tmp / "graphs", "--cuda-graphs", "true"),
                "exact": lambda: run_minilm(model, train_file, args, True, tmp / "exact"),
-               "trainer": lambda: run_st(model, rows, args, tmp / "st")}
+               "trainer": lambda: run_st(model, rows, args, tmp / "st"),
+               "trainer-efficient": lambda: run_st(model, rows, args, tmp / "st-efficient", attention="efficient")}
     results, failed = {}, []
 
     def write_json():
@@ -155,9 +167,11 @@ def main():
         ratios = [f"{r['tokens_per_s'] / results[b]['tokens_per_s']:.2f}x" if b in results else "-" for b in ("exact", "trainer")]
         hours = CARD_STEPS / r["steps_per_s"] / 3600
         print(f"| {name} | {r['steps_per_s']:.3f} | {r['tokens_per_s']:,.0f} | {ratios[0]} | {ratios[1]} | {hours:.1f} h |")
-    print("\nmean loss per interval of", args.log_every, "steps:")
+    print("\nmean loss per interval of", args.log_every, "steps; then the lr and gradient norm of each interval's last step:")
     for name, r in results.items():
-        print(f"  {name:8s}", " ".join(f"{x:.4f}" for x in r["losses"]))
+        print(f"  {name:17s}", " ".join(f"{x:.4f}" for x in r["losses"]))
+        print(f"  {'':17s}", " ".join("-" if x is None else f"{x:.3e}" for x in r["lrs"]), "|",
+              " ".join("-" if x is None else f"{x:.3f}" for x in r["grad_norms"]))
     write_json()
     return 1 if failed else 0
 

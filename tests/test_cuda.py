@@ -15,7 +15,7 @@ import torch
 
 from minilm import CrossEncoder
 from test_fast_train import losses
-from test_train import PAIRS
+from test_train import PAIRS, read_log
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -80,9 +80,9 @@ def cuda_train(model, output, *extra):
 
 
 def test_cuda_graphs_take_the_eager_fast_loops_steps(no_dropout, tmp_path):
-    """Dropout off: replaying graphs of the padded model on length buckets gives the per-step losses of the eager,
-    unpadded fast loop, within 1e-4 (relative) in fp32 and 3e-2 in fp16, over 10 steps (44 pairs in batches of 8:
-    the sixth batch has 4 rows, another graph)."""
+    """Dropout off: replaying graphs of the padded model on length buckets gives the per-step losses and gradient
+    norms of the eager, unpadded fast loop (fp32: within 1e-4 and 1e-3, fp16: 3e-2 and 5e-2, relative) and its lr at
+    every step, over 10 steps (44 pairs in batches of 8: the sixth batch has 4 rows, another graph)."""
     runs = {"eager": ["--precision", "fp32"], "graphs": ["--cuda-graphs", "true", "--precision", "fp32"],
             "graphs fp16": ["--cuda-graphs", "true"]}
     for name, extra in runs.items():
@@ -92,6 +92,33 @@ def test_cuda_graphs_take_the_eager_fast_loops_steps(no_dropout, tmp_path):
     assert len(eager) == 10 and eager[0] > 0.1
     np.testing.assert_allclose(graphs, eager, rtol=1e-4)
     np.testing.assert_allclose(fp16, eager, rtol=3e-2)
+    logs = {name: [r for r in read_log(tmp_path / name) if "loss" in r] for name in runs}
+    for name, rtol in (("graphs", 1e-3), ("graphs fp16", 5e-2)):
+        assert [r["lr"] for r in logs[name]] == pytest.approx([r["lr"] for r in logs["eager"]], rel=1e-6)
+        np.testing.assert_allclose([r["grad_norm"] for r in logs[name]], [r["grad_norm"] for r in logs["eager"]], rtol=rtol)
+
+
+@pytest.mark.parametrize("dropout", ["all", "attention only"])
+def test_cuda_graph_replays_draw_new_dropout_masks(standin_dir, tmp_path, dropout):
+    """The same batch at every step and an lr too small to move the weights: the steps' losses differ only through
+    their dropout masks, so a replay that reused its capture's masks would log a loss again. With dropout on the
+    attention probabilities only, the masks of the memory-efficient attention kernel are what varies."""
+    model = tmp_path / "model"
+    model.mkdir()
+    for f in standin_dir.iterdir():
+        if f.name != "config.json":
+            (model / f.name).symlink_to(f)
+    config = json.loads((standin_dir / "config.json").read_text())
+    if dropout == "attention only":
+        config["hidden_dropout_prob"] = 0.0
+    (model / "config.json").write_text(json.dumps(config))
+    same = tmp_path / "same.jsonl"
+    row = {"query": "кто написал войну и мир", "passage": "Роман «Война и мир» написал Лев Толстой.", "label": 1}
+    same.write_text((json.dumps(row, ensure_ascii=False) + "\n") * 16, encoding="utf-8")
+    for name, extra in {"eager": [], "graphs": ["--cuda-graphs", "true"]}.items():
+        cuda_train(model, tmp_path / name, "--train", same, "--max-steps", 8, "--lr", 1e-12, "--precision", "fp32", *extra)
+        per_step = list(losses(tmp_path / name))
+        assert len(per_step) == 8 and len(set(per_step)) == 8, (name, per_step)
 
 
 def test_cuda_graphs_resume_to_the_uninterrupted_weights(standin_dir, tmp_path):
