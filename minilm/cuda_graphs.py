@@ -98,7 +98,9 @@ class GraphedSteps:
         lazily on first use, which a capture must not see), then every tensor it changed put back, RNG states too."""
         lasting = [*self.model.parameters(), *self.counters,
                    *(t for s in self.optimizer.state.values() for t in s.values() if torch.is_tensor(t))]
-        saved, scaler_state = [t.clone() for t in lasting], self.scaler.state_dict()
+        # detached: a clone of a parameter would hold its AccumulateGrad node, made on this stream, through the warm-up's
+        # backward on another (torch warns of the stream mismatch)
+        saved, scaler_state = [t.detach().clone() for t in lasting], self.scaler.state_dict()
         with torch.random.fork_rng(devices=[self.device]), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*capturable=True.*")  # "...running without CUDA graph capture"
             self.warm_up_stream.wait_stream(torch.cuda.current_stream(self.device))
