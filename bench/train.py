@@ -40,13 +40,18 @@ def labelled_pairs(n: int) -> list[dict]:
     return [{"query": q, "passage": p, "label": float(labels[q, p[:40]])} for q, p in bench_pairs(n)]
 
 
-def run_minilm(model, train_file, args, exact: bool, out: Path, *extra) -> dict:
-    cmd = [sys.executable, str(REPO / "train.py"), "--model", model, "--train", str(train_file), "--output", str(out),
+# train.py with its CUDA graphs' attention held to SDPA's math path (minilm.cuda_graphs.ATTENTION)
+MATH_GRAPHS = ("import runpy, sys; from torch.nn.attention import SDPBackend; import minilm.cuda_graphs as graphs; "
+               "graphs.ATTENTION = [SDPBackend.MATH]; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+
+
+def run_minilm(model, train_file, args, exact: bool, out: Path, *extra, python_args=()) -> dict:
+    cmd = [sys.executable, *python_args, str(REPO / "train.py"), "--model", model, "--train", str(train_file), "--output", str(out),
            "--max-steps", str(args.steps), "--log-every", str(args.log_every), "--device", args.device,
            "--exact", str(exact).lower(), "--max-length", str(args.max_length), *extra]
     if args.precision:
         cmd += ["--precision", args.precision]
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=REPO)
     intervals = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     intervals = [r for r in intervals if "loss" in r]
     timed = intervals[1:]  # after warm-up
@@ -126,8 +131,9 @@ def main():
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", choices=["fp32", "fp16", "bf16"], help="default: each system's own")
     ap.add_argument("--only", default="fast,exact,trainer",
-                    help="comma-separated subset of fast, fast-graphs (GPU only: --cuda-graphs true), exact, trainer, "
-                         "trainer-efficient (its attention held to SDPA's memory-efficient kernel)")
+                    help="comma-separated subset of fast, fast-graphs (GPU only: --cuda-graphs true), fast-graphs-math "
+                         "(their attention on SDPA's math path), exact, trainer, trainer-efficient (its attention held "
+                         "to SDPA's memory-efficient kernel)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
@@ -140,6 +146,8 @@ def main():
 
     systems = {"fast": lambda: run_minilm(model, train_file, args, False, tmp / "fast"),
                "fast-graphs": lambda: run_minilm(model, train_file, args, False, tmp / "graphs", "--cuda-graphs", "true"),
+               "fast-graphs-math": lambda: run_minilm(model, train_file, args, False, tmp / "graphs-math", "--cuda-graphs",
+                                                      "true", python_args=("-c", MATH_GRAPHS)),
                "exact": lambda: run_minilm(model, train_file, args, True, tmp / "exact"),
                "trainer": lambda: run_st(model, rows, args, tmp / "st"),
                "trainer-efficient": lambda: run_st(model, rows, args, tmp / "st-efficient", attention="efficient")}

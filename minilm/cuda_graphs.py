@@ -27,6 +27,11 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 BUCKET = 64  # tokens; a multiple of 8 also keeps the memory-efficient attention kernel on its aligned path
+# The SDPA kernels a graph may use. The memory-efficient one takes the padding mask and dropout and is meant to be safe
+# to capture; cuDNN's (SDPA's first choice on Hopper) plans every new shape on the host; the math path only if the
+# first were refused. bench/train.py's fast-graphs-math holds graphs to the math path, whose dropout is torch's plain
+# dropout kernel: the graphs' losses fell under the trainer's as if attention dropout were missing (docs/performance.md).
+ATTENTION = [SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def padded_length(longest: int, max_length: int) -> int:
@@ -81,9 +86,7 @@ class GraphedSteps:
         self.graphs[key].replay()
 
     def run_step(self, inputs, labels):
-        # The memory-efficient kernel takes the padding mask and dropout and is safe to capture; cuDNN's (SDPA's
-        # first choice on Hopper) plans every new shape on the host. The math path only if it were refused.
-        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+        with sdpa_kernel(ATTENTION):
             self.step(dict(zip(("input_ids", "attention_mask", "token_type_ids"), inputs)), labels)
 
     def capture(self, inputs, labels) -> torch.cuda.CUDAGraph:
