@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Every GPU check and benchmark, in one call on the GPU machine (about 8 minutes on one H100):
+# Every GPU check and benchmark, in one call on the GPU machine (about 9 minutes on one H100; with less time, set
+# GPU_SECONDS: the scoring parts, last, are cut first):
 #   bash bench/gpu_prepare.sh                      # here, first: fills .gpu/ (see there)
 #   device run, carry [".gpu"]: bash bench/gpu.sh  # results as markdown + JSON in runs/gpu/, and when $OUT is set
 #                                                  # (the device call), $OUT/gpu.tgz of them plus $OUT/parts.md, since
