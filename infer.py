@@ -561,6 +561,8 @@ def main(argv=None) -> int:
     check_args(parser, args)
     if sys.stdout is None and (args.input is None or args.output == "-" or open_fd(args.output) == 1):
         return fail("standard output is closed")
+    global error_reported
+    error_reported = False
     for signum in (signal.SIGTERM, signal.SIGHUP):  # like Ctrl-C: unwind, so no temporary output is left
         if signal.getsignal(signum) is not signal.SIG_IGN:  # under nohup, SIGHUP stays ignored
             signal.signal(signum, stop)
@@ -598,14 +600,24 @@ def main(argv=None) -> int:
 
 
 def stop(signum, frame):
-    if torchrun_rank()[1] == 1:  # torchrun stops the other processes with SIGTERM when one fails: that one reports
-        print(f"infer.py: stopped by {signal.Signals(signum).name}; no output written", file=sys.stderr)
+    rank, world = torchrun_rank()
+    # torchrun sends SIGTERM to every process when it is stopped, and when one of them fails. A process that raised
+    # has had its error reported by process 0 already, but one killed outright (SIGKILL, out of memory) says nothing,
+    # and the SIGTERM may reach process 0 before it notices the loss: then this is the only line infer.py prints.
+    if rank == 0 and not error_reported:
+        why = " (torchrun sends it to every process when it is stopped or when one of them fails)" if world > 1 else ""
+        print(f"infer.py: stopped by {signal.Signals(signum).name}{why}; no output written", file=sys.stderr)
     sys.exit(128 + signum)
 
 
+error_reported = False  # by fail(): a signal that comes later (torchrun stopping every process) adds no second line
+
+
 def fail(message: str, status: int = 2, quiet: bool = False) -> int:
+    global error_reported
     if not quiet:
         print(f"infer.py: error: {' '.join(message.split())}", file=sys.stderr)
+        error_reported = True
     return status
 
 

@@ -4,12 +4,14 @@ rounds), and two hooks around the scoring of a chunk (infer.score_chunk), set by
   SHARD_TEST_LOG=DIR          each process appends the passages it scores to DIR/RANK.txt
   SHARD_TEST_CRASH=R:HOW:TEXT process R, about to score the passage TEXT, raises RuntimeError (HOW=raise) or kills
                               itself with SIGKILL (HOW=kill)
+  SHARD_TEST_STALL=R:TEXT     process R, about to score the passage TEXT, sleeps 120 s
   SHARD_TEST_AHEAD=1          tokenize the next chunk in a worker thread (infer.TOKENIZE_AHEAD)
 """
 
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -24,6 +26,9 @@ score_chunk = infer.score_chunk
 def hooked_score_chunk(model, chunk, *args):
     rank = os.environ["RANK"]
     crash_rank, how, text = os.environ.get("SHARD_TEST_CRASH", "::").split(":", 2)
+    stall_rank, stall_text = (os.environ.get("SHARD_TEST_STALL") or ":").split(":", 1)
+    if stall_rank == rank and any(pair.passage == stall_text for pair in chunk):
+        time.sleep(120)
     if crash_rank == rank and any(pair.passage == text for pair in chunk):
         if how == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
