@@ -6,7 +6,7 @@
 #                                                  # (the device call), $OUT/gpu.tgz of them plus $OUT/parts.md, since
 #                                                  # only 8 files come back from a device call
 #   (with timeout_s under 600, also GPU_SECONDS=<a little less>: see DEADLINE below)
-# It runs: the CUDA tests (tests/test_cuda.py); train.py's fast loop as CUDA graphs and the sentence-transformers
+# It runs: the CUDA tests (tests/test_cuda.py, tests/test_attention_dropout.py); train.py's fast loop as CUDA graphs and the sentence-transformers
 # trainer (also with the graphs' attention kernel), fp16, batch 16, card-like pairs, 2,000 steps (bench/train.py);
 # scoring speed of minilm fp32/fp16/bf16 against sentence-transformers fp32/fp16 (bench/predict.py); infer.py's file
 # mode with and without tokenizing ahead (bench/infer_file.py); fp16/bf16 against fp32 on the TyDi-ru ranker
@@ -60,7 +60,7 @@ part() {  # part NAME CAP_SECONDS COMMAND...: output in $RESULTS/NAME.md
   echo "| $name | $rc | $((SECONDS - start)) |" >> "$RESULTS/parts.md"
   pack  # each part's results reach $OUT as soon as it ends, in case the call is cut off later
 }
-part tests 240 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py
+part tests 240 python3 -m pytest -q -rs -p no:cacheprovider tests/test_attention_dropout.py tests/test_cuda.py
 # 6,000 pairs: 2,000 steps are 5.3 epochs (of the card's 12,431 pairs, 2.6), less memorisation than the 15.6 epochs
 # of 2,048 pairs. The CUDA graphs' losses fell well under the trainer's there, as if attention dropout were missing
 # (docs/performance.md, the H100 runs): the graphs on SDPA's math path (fast-graphs-math) and the trainer on the
