@@ -8,7 +8,8 @@ Two modes:
 
 A file is streamed: rows are read, checked and scored CHUNK_ROWS at a time, so memory does not grow with the file.
 The output is written to a temporary file next to it and renamed only when every row has been scored: a bad row or
-an interrupted run leaves no output file behind, and an existing one untouched.
+an interrupted run leaves no output file behind, and an existing one untouched. (A run killed outright, kill -9 or out
+of memory, cannot remove its temporary file: the next run writing that output does.)
 
 Under torchrun (`torchrun --nproc-per-node N infer.py --input ... --output ...`) the processes share the rows of a
 file and process 0 writes the output, the same as one process writes (see Shards); ranking mode runs on process 0.

@@ -218,9 +218,12 @@ def atomic_path(path):
     onto `path` (readers see the old file or the whole new one, also after a power cut); otherwise it is deleted.
 
     The new file gets the old one's permissions, or those of any new file (mkstemp's are owner-only); they are set
-    after writing, because some writers (safetensors) replace the file they are given."""
+    after writing, because some writers (safetensors) replace the file they are given. Its name says which machine and
+    process write it, so that the next write of `path` can remove what a killed run left (remove_stale_temporaries)."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name[:64]}.", suffix=".tmp")  # short: a legal name + suffix may be too long
+    prefix = temporary_prefix(path)
+    remove_stale_temporaries(path.parent, prefix)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{prefix}{os.getpid()}.", suffix=".tmp")
     os.close(fd)
     try:
         yield tmp
@@ -237,6 +240,42 @@ def atomic_path(path):
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def temporary_prefix(path: Path) -> str:
+    """How the names of atomic_path's temporary files for `path` begin; the writer's process id comes next. Name and
+    host are cut short: the whole name must stay a legal one."""
+    return f".{path.name[:64]}.{socket.gethostname()[:32]}-"
+
+
+def remove_stale_temporaries(folder: Path, prefix: str) -> None:
+    """Delete the temporary files in `folder` named `prefix` + a process id that no longer runs: left by a run that was
+    killed outright (SIGKILL, out of memory, a power cut). The prefix names this machine, so another machine's files
+    in a shared folder are not touched, nor those of a process still running here (a process id taken up since by
+    another program keeps its file: the safe side)."""
+    if os.name != "posix":  # os.kill(pid, 0) tests for a process only on POSIX
+        return
+    try:
+        names = [name for name in os.listdir(folder) if name.startswith(prefix) and name.endswith(".tmp")]
+    except OSError:
+        return  # creating the new temporary file reports the problem
+    for name in names:
+        pid = name[len(prefix):].split(".", 1)[0]
+        if pid.isdigit() and not process_running(int(pid)):
+            try:
+                os.unlink(folder / name)
+            except OSError:
+                pass  # gone already, or not ours to remove
+
+
+def process_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only whether it could be sent
+    except (ProcessLookupError, OverflowError):  # no such process; a number beyond any process id
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def fsync(path) -> None:

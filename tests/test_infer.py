@@ -522,6 +522,35 @@ def test_sigterm_leaves_no_output(standin, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"] and dst.read_text() == "old\n"
 
 
+def test_kill_9_leaves_a_temporary_file_that_the_next_run_removes(standin, model, tmp_path):
+    """SIGKILL cannot be caught: the old output is kept and the temporary file stays. The next run writing that output
+    removes it, but not the temporary file of a process still running here, nor another machine's."""
+    from minilm.checkpoint import temporary_prefix
+
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    rows = [{"query": q, "passage": p} for q, p in PAIRS]
+    write_input(src, "jsonl", rows * 3000)
+    dst.write_text("old\n")
+    proc = subprocess.Popen([sys.executable, "infer.py", "--model", str(standin), "--device", "cpu", "--input", str(src),
+                             "--output", str(dst)], cwd=REPO, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".out.jsonl.*.tmp")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    assert proc.wait(timeout=60) == -signal.SIGKILL
+    [left] = tmp_path.glob(".out.jsonl.*.tmp")
+    assert left.name.startswith(f"{temporary_prefix(dst)}{proc.pid}.") and dst.read_text() == "old\n"
+    running = tmp_path / f"{temporary_prefix(dst)}{os.getpid()}.abc.tmp"
+    elsewhere = tmp_path / f".out.jsonl.another-host-{proc.pid}.abc.tmp"
+    running.write_text("a run still writing"), elsewhere.write_text("another machine's run")
+    write_input(src, "jsonl", rows)
+    done = subprocess.run([sys.executable, "infer.py", "--model", str(standin), "--device", "cpu", "--input", str(src),
+                           "--output", str(dst)], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert_scored(model, rows, read_output(dst.read_text(), "jsonl"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([elsewhere.name, "in.jsonl", "out.jsonl", running.name])
+
+
 BAD_INPUTS = {
     "malformed-json": ("in.jsonl", '{"query": "q", "passage": "p"}\n{"query": "q", "passage": "p"\n', ":2", "malformed JSON"),
     "not-an-object": ("in.jsonl", '["q", "p"]\n', ":1", "expected a JSON object"),
