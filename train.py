@@ -131,6 +131,20 @@ FP32_MAX = 3.4028234663852886e38  # the lr table, weight decay and the GradScale
 METAVARS = {int: "N", float: "X", str: "TEXT", bool: "true|false"}
 
 
+VALUE_RULES = [  # (option, test, the rule as the error says it)
+    *((name, lambda v: v >= 1, "at least 1") for name in ("epochs", "batch_size", "log_every", "keep_checkpoints")),
+    *((name, lambda v: v >= 0, "0 or more") for name in ("max_length", "eval_every", "save_every", "max_steps")),
+    ("seed", lambda v: 0 <= v < 2**32, "in [0, 2**32) (numpy's limit)"),
+    ("lr", lambda v: 0 < v < FP32_MAX, "> 0 and below 3.4e38 (the lr table is fp32)"),
+    ("warmup_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),
+    ("weight_decay", lambda v: 0 <= v < FP32_MAX, "0 or more and below 3.4e38 (fp32)"),
+    ("max_grad_norm", lambda v: v > 0, "> 0 (inf: no clipping)"),
+    ("precision", lambda v: v in ("auto", "fp32", "fp16", "bf16"), "auto, fp32, fp16 or bf16"),
+    ("fp16_init_scale", lambda v: 0 < v < FP32_MAX, "> 0 and below 3.4e38 (the GradScaler's scale is fp32)"),
+    ("fp16_growth_interval", lambda v: v >= 1, "at least 1"),
+]
+
+
 def parse_config(argv) -> TrainConfig:
     """argparse built from TrainConfig: `--key value` or `--key=value` (dashes or underscores), typed, unknown keys
     refused, exit status 2 for any mistake (as for bad data)."""
@@ -146,17 +160,15 @@ def parse_config(argv) -> TrainConfig:
     for bad, message in [
         (not cfg.train, "--train FILE is required"),
         (not cfg.output, "--output DIR is required"),
-        (cfg.epochs < 1 or cfg.batch_size < 1 or cfg.log_every < 1 or cfg.keep_checkpoints < 1, "--epochs, --batch-size, --log-every and --keep-checkpoints must be at least 1"),
-        (min(cfg.max_length, cfg.eval_every, cfg.save_every, cfg.max_steps, cfg.seed) < 0, "--max-length, --eval-every, --save-every, --max-steps and --seed cannot be negative"),
-        (cfg.seed >= 2**32, "--seed must be below 2**32 (numpy's limit)"),
-        (not 0 < cfg.lr < FP32_MAX or not 0 <= cfg.warmup_ratio <= 1 or not 0 <= cfg.weight_decay < FP32_MAX or not cfg.max_grad_norm > 0, "need 0 < --lr < 3.4e38 (fp32), 0 <= --warmup-ratio <= 1, 0 <= --weight-decay < 3.4e38, --max-grad-norm > 0"),
-        (cfg.precision not in ("auto", "fp32", "fp16", "bf16"), f"--precision must be auto, fp32, fp16 or bf16, got {cfg.precision!r}"),
-        (not 0 < cfg.fp16_init_scale < FP32_MAX or cfg.fp16_growth_interval < 1, "--fp16-init-scale must be > 0 and finite, --fp16-growth-interval >= 1"),
         (cfg.eval_every and not cfg.eval, "--eval-every needs --eval FILE"),
         (cfg.resume and cfg.overwrite_output, "--resume continues the run in --output; --overwrite-output starts over: not both"),
     ]:
         if bad:
             parser.error(message)
+    for name, ok, rule in VALUE_RULES:  # NaN fails every comparison, so every rule refuses it
+        value = getattr(cfg, name)
+        if not ok(value):
+            parser.error(f"--{name.replace('_', '-')} must be {rule}, got {value!r}")
     return cfg
 
 
