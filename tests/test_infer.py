@@ -481,6 +481,18 @@ def test_output_to_a_descriptor_not_open_for_writing(tmp_path, monkeypatch, caps
     assert_one_line_error(err, f"descriptor {fd} is not open for writing")
 
 
+def wait_until_caught(pid: int, signum: int) -> None:
+    """Until process `pid` has a handler for `signum` (Linux: the SigCgt mask of /proc/PID/status)."""
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        with open(f"/proc/{pid}/status") as status:
+            caught = next(int(line.split()[1], 16) for line in status if line.startswith("SigCgt:"))
+        if caught >> (signum - 1) & 1:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"process {pid} never installed a handler for {signal.Signals(signum).name}")
+
+
 def test_sighup_stops_cleanly_but_not_under_nohup(standin, model, tmp_path):
     """A closed terminal (SIGHUP) unwinds like SIGTERM: exit 129, no output. Under nohup (SIGHUP ignored) it is no
     reason to stop."""
@@ -492,6 +504,8 @@ def test_sighup_stops_cleanly_but_not_under_nohup(standin, model, tmp_path):
                                 preexec_fn=(lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if ignored else None)
         proc.stdin.write(json.dumps(rows[0]) + "\n")
         proc.stdin.flush()
+        if not ignored:
+            wait_until_caught(proc.pid, signal.SIGHUP)  # before that, SIGHUP's default action would kill it
         time.sleep(3)  # reading stdin, waiting for more rows
         proc.send_signal(signal.SIGHUP)
         time.sleep(1)
