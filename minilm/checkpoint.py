@@ -8,6 +8,7 @@ files. It can be named three ways:
     HF_HOME, HF_HUB_CACHE, HF_HUB_OFFLINE and revisions behave as users know them.
 """
 
+import hashlib
 import json
 import os
 import pickle
@@ -244,8 +245,12 @@ def atomic_path(path):
 
 def temporary_prefix(path: Path) -> str:
     """How the names of atomic_path's temporary files for `path` begin; the writer's process id comes next. Name and
-    host are cut short: the whole name must stay a legal one."""
-    return f".{path.name[:64]}.{socket.gethostname()[:32]}-"
+    host are cut short, so that the whole name stays a legal one; a long host name keeps a hash of all of it (pods of
+    one deployment share long prefixes)."""
+    host = socket.gethostname()
+    if len(host) > 40:
+        host = f"{host[:31]}~{hashlib.sha256(host.encode()).hexdigest()[:8]}"
+    return f".{path.name[:64]}.{host}-"
 
 
 def remove_stale_temporaries(folder: Path, prefix: str) -> None:
