@@ -40,15 +40,21 @@ def labelled_pairs(n: int) -> list[dict]:
     return [{"query": q, "passage": p, "label": float(labels[q, p[:40]])} for q, p in bench_pairs(n)]
 
 
-# train.py with its CUDA graphs' attention held to SDPA's math path (minilm.cuda_graphs.ATTENTION)
-MATH_GRAPHS = ("import runpy, sys; from torch.nn.attention import SDPBackend; import minilm.cuda_graphs as graphs; "
-               "graphs.ATTENTION = [SDPBackend.MATH]; sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
+# train.py run as it is, except (argv[1], argv[2]): its dropout masks drawn from seed 42 + OFFSET (train.py seeds the
+# global generators once, with torch.manual_seed; the epoch orders come from generators of their own, so the batches
+# stay those of seed 42), and with ATTENTION "math" its CUDA graphs' attention held to SDPA's math path
+# (minilm.cuda_graphs.ATTENTION)
+VARIANT = ("import runpy, sys, torch; from torch.nn.attention import SDPBackend; import minilm.cuda_graphs as graphs; "
+           "offset, attention = int(sys.argv[1]), sys.argv[2]; seed = torch.manual_seed; "
+           "torch.manual_seed = lambda s: seed(s + offset); "
+           "graphs.ATTENTION = [SDPBackend.MATH] if attention == 'math' else graphs.ATTENTION; "
+           "sys.argv = sys.argv[3:]; runpy.run_path(sys.argv[0], run_name='__main__')")
 
 
-def run_minilm(model, train_file, args, exact: bool, out: Path, *extra, python_args=()) -> dict:
-    cmd = [sys.executable, *python_args, str(REPO / "train.py"), "--model", model, "--train", str(train_file), "--output", str(out),
-           "--max-steps", str(args.steps), "--log-every", str(args.log_every), "--device", args.device,
-           "--exact", str(exact).lower(), "--max-length", str(args.max_length), *extra]
+def run_minilm(model, train_file, args, exact: bool, out: Path, *extra, masks=0, attention="default") -> dict:
+    cmd = [sys.executable, "-c", VARIANT, str(masks), attention, str(REPO / "train.py"), "--model", model, "--train",
+           str(train_file), "--output", str(out), "--max-steps", str(args.steps), "--log-every", str(args.log_every),
+           "--device", args.device, "--exact", str(exact).lower(), "--max-length", str(args.max_length), *extra]
     if args.precision:
         cmd += ["--precision", args.precision]
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, cwd=REPO)
@@ -133,7 +139,8 @@ def main():
     ap.add_argument("--only", default="fast,exact,trainer",
                     help="comma-separated subset of fast, fast-graphs (GPU only: --cuda-graphs true), fast-graphs-math "
                          "(their attention on SDPA's math path), exact, trainer, trainer-efficient (its attention held "
-                         "to SDPA's memory-efficient kernel)")
+                         "to SDPA's memory-efficient kernel). NAME*K runs a train.py system K times, with the dropout "
+                         "masks of seeds 42 to 42+K-1 and the batches of seed 42: how far losses move by dropout alone")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
@@ -144,22 +151,29 @@ def main():
     train_file = tmp / "train.jsonl"
     train_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
-    systems = {"fast": lambda: run_minilm(model, train_file, args, False, tmp / "fast"),
-               "fast-graphs": lambda: run_minilm(model, train_file, args, False, tmp / "graphs", "--cuda-graphs", "true"),
-               "fast-graphs-math": lambda: run_minilm(model, train_file, args, False, tmp / "graphs-math", "--cuda-graphs",
-                                                      "true", python_args=("-c", MATH_GRAPHS)),
-               "exact": lambda: run_minilm(model, train_file, args, True, tmp / "exact"),
-               "trainer": lambda: run_st(model, rows, args, tmp / "st"),
-               "trainer-efficient": lambda: run_st(model, rows, args, tmp / "st-efficient", attention="efficient")}
+    graphs = ("--cuda-graphs", "true")
+    systems = {"fast": lambda m: run_minilm(model, train_file, args, False, tmp / f"fast{m}", masks=m),
+               "fast-graphs": lambda m: run_minilm(model, train_file, args, False, tmp / f"graphs{m}", *graphs, masks=m),
+               "fast-graphs-math": lambda m: run_minilm(model, train_file, args, False, tmp / f"graphs-math{m}", *graphs,
+                                                        masks=m, attention="math"),
+               "exact": lambda m: run_minilm(model, train_file, args, True, tmp / f"exact{m}", masks=m),
+               "trainer": lambda m: run_st(model, rows, args, tmp / "st"),
+               "trainer-efficient": lambda m: run_st(model, rows, args, tmp / "st-efficient", attention="efficient")}
+    runs = []  # (name as printed, system, mask seed offset)
+    for item in args.only.split(","):
+        system, _, times = item.partition("*")
+        if system not in systems or (times and (not times.isdigit() or int(times) < 1 or system.startswith("trainer"))):
+            ap.error(f"--only: unknown system or repeat count {item!r}")
+        runs += [(system if m == 0 else f"{system} masks+{m}", system, m) for m in range(int(times or 1))]
     results, failed = {}, []
 
     def write_json():
         if args.json:
             Path(args.json).write_text(json.dumps({"args": vars(args), "results": results, "failed": failed}, indent=2))
 
-    for name in args.only.split(","):
+    for name, system, masks in runs:
         try:
-            results[name] = systems[name]()
+            results[name] = systems[system](masks)
             print(f"{name}: {results[name]['steps_per_s']:.3f} steps/s", flush=True)  # kept if a later system hangs
             write_json()
         except ImportError as e:
@@ -177,8 +191,8 @@ def main():
         print(f"| {name} | {r['steps_per_s']:.3f} | {r['tokens_per_s']:,.0f} | {ratios[0]} | {ratios[1]} | {hours:.1f} h |")
     print("\nmean loss per interval of", args.log_every, "steps; then the lr and gradient norm of each interval's last step:")
     for name, r in results.items():
-        print(f"  {name:17s}", " ".join(f"{x:.4f}" for x in r["losses"]))
-        print(f"  {'':17s}", " ".join("-" if x is None else f"{x:.3e}" for x in r["lrs"]), "|",
+        print(f"  {name:26s}", " ".join(f"{x:.4f}" for x in r["losses"]))
+        print(f"  {'':26s}", " ".join("-" if x is None else f"{x:.3e}" for x in r["lrs"]), "|",
               " ".join("-" if x is None else f"{x:.3f}" for x in r["grad_norms"]))
     write_json()
     return 1 if failed else 0
