@@ -56,7 +56,8 @@ examples:
 
 input files (--input): JSONL with the fields "query" and "passage" (or "sentence_0" and "sentence_1"), or TSV / CSV
 with a header row naming those columns. Every other field (qid, label, ...) is kept; the output has the same format,
-rows and order, plus a "score" field (an existing "score" is overwritten). Exit status: 0 on success, 2 for bad
+rows and order, plus a "score" field (an existing "score" is overwritten). A JSONL row is written back as it was,
+byte for byte, with the score added. Exit status: 0 on success, 2 for bad
 arguments, bad input or a model that cannot be found.
 
 several processes (one per GPU, or CPU processes) share the rows of a file when started by torchrun:
@@ -285,7 +286,7 @@ def score_chunk(model, chunk: list, encodings: list, writer: "RowWriter", args) 
     check_finite(logits, lambda i: f"{shown(args.input)}:{chunk[i].line}", args)
     scores = model.activate(logits, "sigmoid" if args.sigmoid else None)
     for pair, score in zip(chunk, scores.tolist()):
-        writer.write(pair.row, score)
+        writer.write(pair.row, score, pair.source)
 
 
 def check_finite(logits, where, args) -> None:
@@ -390,12 +391,17 @@ def chunked(items, size: int):
 
 
 class RowWriter:
-    """Writes rows in `fmt` with a `score` field added (or replaced): JSONL objects, TSV lines (fields joined by tabs,
-    no quoting: the text goes back byte for byte), or CSV records quoted by the csv module; TSV/CSV with a header
-    (unless `header` is False: rows that go after another writer's). The score is the float32 value as a Python float's
-    repr (up to 17 digits), which reads back to the same float32."""
+    """Writes rows in `fmt` with a `score` field added (or replaced): JSONL objects (the row's own text with the score
+    added before its closing brace, so its numbers, escapes and spacing stay as they were; a row that already has a
+    score is written again as Python reads it, with the new one), TSV lines (fields joined by tabs, no quoting: the text
+    goes back byte for byte), or CSV records quoted by the csv module; TSV/CSV with a header (unless `header` is False:
+    rows that go after another writer's). The score is the float32 value as a Python float's repr (up to 17 digits),
+    which reads back to the same float32."""
 
     def __init__(self, out, fmt: str, header: bool = True):
+        from minilm.data import JSON_WHITESPACE
+
+        self.json_whitespace = JSON_WHITESPACE
         self.out = out
         self.fmt = fmt
         self.write_header = header
@@ -405,7 +411,11 @@ class RowWriter:
 
             self.csv = csv.writer(out, lineterminator="\n")
 
-    def write(self, row: dict, score: float) -> None:
+    def write(self, row: dict, score: float, source: str | None = None) -> None:
+        """source: the JSONL row's text (data.Pair.source), if there is one."""
+        if self.fmt == "jsonl" and source is not None and "score" not in row:  # a non-empty object's text: "{...}"
+            self.out.write(source[:-1].rstrip(self.json_whitespace) + ', "score": ' + repr(score) + "}\n")
+            return
         if self.fmt == "jsonl":
             row["score"] = score
             self.out.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")  # valid JSON, always

@@ -41,6 +41,7 @@ class Pair:
     qid: str | None
     line: int
     row: dict = field(repr=False)  # every field of the input row, untouched (infer.py writes them back)
+    source: str | None = field(default=None, repr=False)  # a JSONL row's own text, for writing it back byte for byte
 
 
 def shown(path: str) -> str:
@@ -88,8 +89,12 @@ def text_lines(path: str):
             f.close()
 
 
+JSON_WHITESPACE = " \t\r\n"
+
+
 def read_rows(path: str, fmt: str):
-    """Yield (line number, row dict) in file order. Rows keep every field of the input, untouched."""
+    """Yield (line number, row dict, source) in file order. Rows keep every field of the input, untouched; source is a
+    JSONL row's text without the whitespace around it (None for TSV and CSV)."""
     name = shown(path)
     lines = text_lines(path)
     if fmt == "jsonl":
@@ -112,7 +117,7 @@ def read_rows(path: str, fmt: str):
                         json.dumps({key: value}, ensure_ascii=False).encode("utf-8")
                     except UnicodeEncodeError as e:
                         raise DataError(f"{name}:{n}: field {shorten(key)!r}: not valid Unicode text ({e.reason})") from None
-            yield n, row
+            yield n, row, line.strip(JSON_WHITESPACE)  # json.loads allows no other whitespace around the object
         return
     if fmt == "tsv":
         records = ((n, line.rstrip("\n").removesuffix("\r").split("\t")) for n, line in lines if line.strip("\r\n"))
@@ -130,7 +135,7 @@ def read_rows(path: str, fmt: str):
             continue
         if len(values) != len(header):
             raise DataError(f"{name}:{n}: expected {len(header)} fields ({', '.join(header)}), got {len(values)}")
-        yield n, dict(zip(header, values))
+        yield n, dict(zip(header, values)), None
 
 
 def not_json(constant: str):
@@ -173,7 +178,7 @@ def csv_records(reader, numbers, name):
             yield numbers[start], values
 
 
-def parse_pair(row: dict, name: str, n: int, require_label: bool) -> Pair:
+def parse_pair(row: dict, name: str, n: int, require_label: bool, source: str | None = None) -> Pair:
     """Check one row and turn it into a Pair; raise DataError naming the field otherwise."""
     named = [k for k in TEXT_FIELDS if k[0] in row or k[1] in row]
     if len(named) > 1:
@@ -210,16 +215,16 @@ def parse_pair(row: dict, name: str, n: int, require_label: bool) -> Pair:
         if not 0.0 <= label <= 1.0:  # also rejects NaN
             raise DataError(f"{name}:{n}: field 'label': expected a number in [0, 1], got {json.dumps(raw, ensure_ascii=False)}")
     qid = row.get("qid")
-    return Pair(texts[0], texts[1], label, None if qid is None else str(qid), n, row)
+    return Pair(texts[0], texts[1], label, None if qid is None else str(qid), n, row, source)
 
 
 def iter_pairs(path: str, fmt: str | None = None, require_label: bool = False):
     """Every row of a file as a checked Pair, streamed; an empty file is an error."""
     name = shown(path)
     empty = True
-    for n, row in read_rows(path, detect_format(path, fmt)):
+    for n, row, source in read_rows(path, detect_format(path, fmt)):
         empty = False
-        yield parse_pair(row, name, n, require_label)
+        yield parse_pair(row, name, n, require_label, source)
     if empty:
         raise DataError(f"{name}: no rows")
 

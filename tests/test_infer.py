@@ -305,6 +305,23 @@ def test_extra_fields_kept_and_existing_score_replaced(standin, model, tmp_path,
     assert_scored(model, rows, out, sigmoid=True)
 
 
+def test_jsonl_rows_go_back_byte_for_byte_with_the_score_added(standin, model, tmp_path, capsys):
+    """A JSONL row's numbers, escapes, spacing and key order stay as written (1e5 is not rewritten as 100000.0, nor
+    1.10 as 1.1); only the score is added before the closing brace. The first line's BOM, the whitespace around a row
+    and CRLF line ends are not part of the row."""
+    lines = ['{"qid": 1e5, "query": "caf\\u00e9 \\"q\\"", "passage": "Лев\\tТолстой", "x": 1.10, "y": [2.50, -0.0]}',
+             '{"query":"q two","passage":"p\\/two" , "z" : {"a": null, "b": 1E+2}}']
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_bytes(("\ufeff" + lines[0] + "  \r\n\t" + lines[1] + "\n").encode("utf-8"))
+    rc, _, err = run(capsys, "--model", standin, "--device", "cpu", "--input", src, "--output", dst)
+    assert rc == 0, err
+    out = dst.read_text(encoding="utf-8").splitlines()
+    scores = expected_scores(model, [('café "q"', "Лев\tТолстой"), ("q two", "p/two")])
+    assert [line.rsplit(', "score": ', 1)[0] for line in out] == [lines[0][:-1], lines[1][:-1]]
+    np.testing.assert_allclose([json.loads(line)["score"] for line in out], scores, atol=1e-6)
+    assert all(line.endswith("}") for line in out)
+
+
 def test_stdin_to_stdout_jsonl(standin, model, monkeypatch, capsys):
     rows = [{"query": q, "passage": p, "label": 1} for q, p in PAIRS]
     monkeypatch.setattr(sys, "stdin", stdin("".join(json.dumps(r) + "\n" for r in rows)))
