@@ -194,8 +194,27 @@ def main():
         print(f"  {name:26s}", " ".join(f"{x:.4f}" for x in r["losses"]))
         print(f"  {'':26s}", " ".join("-" if x is None else f"{x:.3e}" for x in r["lrs"]), "|",
               " ".join("-" if x is None else f"{x:.3f}" for x in r["grad_norms"]))
+    print_bands(runs, results)
     write_json()
     return 1 if failed else 0
+
+
+def print_bands(runs, results) -> None:
+    """For each system run with several dropout seeds: per interval the mean of its runs' losses and their spread, and
+    how far every other run's loss lies from that mean (the trainer's: the issue's "within 5%")."""
+    for system in dict.fromkeys(s for _, s, _ in runs):
+        band = [results[name]["losses"] for name, s, _ in runs if s == system and name in results]
+        if len(band) < 2 or len({len(b) for b in band}) > 1:
+            continue
+        means = [sum(col) / len(col) for col in zip(*band)]
+        print(f"\n{system}, {len(band)} dropout seeds: mean loss per interval (min-max as % of the mean), and the other "
+              "runs against that mean:")
+        print(f"  {system:26s}", " ".join(f"{m:.4f} ({min(c) / m - 1:+.1%} {max(c) / m - 1:+.1%})"
+                                          for m, c in zip(means, zip(*band))))
+        of_system = {name: s for name, s, _ in runs}
+        for name, r in results.items():
+            if of_system[name] != system and len(r["losses"]) == len(means):
+                print(f"  {name:26s}", " ".join(f"{x:.4f} ({x / m - 1:+.1%})" for x, m in zip(r["losses"], means)))
 
 
 if __name__ == "__main__":
