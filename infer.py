@@ -611,6 +611,8 @@ def main(argv=None) -> int:
 
 
 def stop(signum, frame):
+    global error_reported
+    signal.signal(signum, signal.SIG_IGN)  # a second signal (kill sent twice) must not cut the unwinding short
     rank, world = torchrun_rank()
     # torchrun sends SIGTERM to every process when it is stopped, and when one of them fails. A process that raised
     # has had its error reported by process 0 already, but one killed outright (SIGKILL, out of memory) says nothing,
@@ -618,6 +620,7 @@ def stop(signum, frame):
     if rank == 0 and not error_reported:
         why = " (torchrun sends it to every process when it is stopped or when one of them fails)" if world > 1 else ""
         print(f"infer.py: stopped by {signal.Signals(signum).name}{why}; no output written", file=sys.stderr)
+    error_reported = True
     sys.exit(128 + signum)
 
 

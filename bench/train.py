@@ -161,9 +161,10 @@ def main():
                "trainer-efficient": lambda m: run_st(model, rows, args, tmp / "st-efficient", attention="efficient")}
     runs = []  # (name as printed, system, mask seed offset)
     for item in args.only.split(","):
-        system, _, times = item.partition("*")
-        if system not in systems or (times and (not times.isdigit() or int(times) < 1 or system.startswith("trainer"))):
-            ap.error(f"--only: unknown system or repeat count {item!r}")
+        system, star, times = item.partition("*")
+        if system not in systems or any(s == system for _, s, _ in runs) or \
+                (star and (not times.isdecimal() or int(times) < 1 or system.startswith("trainer"))):
+            ap.error(f"--only: unknown or repeated system, or a bad repeat count: {item!r}")
         runs += [(system if m == 0 else f"{system} masks+{m}", system, m) for m in range(int(times or 1))]
     results, failed = {}, []
 

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import pickle
+import re
 import shutil
 import socket
 import tempfile
@@ -244,29 +245,36 @@ def atomic_path(path):
 
 
 def temporary_prefix(path: Path) -> str:
-    """How the names of atomic_path's temporary files for `path` begin; the writer's process id comes next. Name and
-    host are cut short, so that the whole name stays a legal one; a long host name keeps a hash of all of it (pods of
-    one deployment share long prefixes)."""
-    host = socket.gethostname()
-    if len(host) > 40:
-        host = f"{host[:31]}~{hashlib.sha256(host.encode()).hexdigest()[:8]}"
-    return f".{path.name[:64]}.{host}-"
+    """How the names of atomic_path's temporary files for `path` begin; the writer's process id comes next. The name
+    is cut short, so that the whole name stays a legal one."""
+    return f".{path.name[:64]}.{process_space()}-"
+
+
+def process_space() -> str:
+    """12 hex digits naming the processes whose ids this one can test: this boot of this machine's kernel, and this
+    process id namespace (a container's own; containers may share a host name, not a namespace)."""
+    try:
+        key = f"{Path('/proc/sys/kernel/random/boot_id').read_text().strip()}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:  # no /proc (macOS, BSD): no process id namespaces either
+        key = socket.gethostname()
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
 def remove_stale_temporaries(folder: Path, prefix: str) -> None:
-    """Delete the temporary files in `folder` named `prefix` + a process id that no longer runs: left by a run that was
-    killed outright (SIGKILL, out of memory, a power cut). The prefix names this machine, so another machine's files
-    in a shared folder are not touched, nor those of a process still running here (a process id taken up since by
-    another program keeps its file: the safe side)."""
+    """Delete the temporary files in `folder` that atomic_path named with `prefix` (this file, this process space)
+    and the id of a process that no longer runs: left by a run that was killed outright (SIGKILL, out of memory, a
+    power cut). Files of other machines or containers, of a process still running, or of any other shape stay (a
+    process id taken up since by another program keeps its file: the safe side)."""
     if os.name != "posix":  # os.kill(pid, 0) tests for a process only on POSIX
         return
+    ours = re.compile(re.escape(prefix) + r"(\d+)\.[a-z0-9_]{8}\.tmp")  # mkstemp's 8 random characters
     try:
-        names = [name for name in os.listdir(folder) if name.startswith(prefix) and name.endswith(".tmp")]
+        names = os.listdir(folder)
     except OSError:
         return  # creating the new temporary file reports the problem
     for name in names:
-        pid = name[len(prefix):].split(".", 1)[0]
-        if pid.isdigit() and not process_running(int(pid)):
+        match = ours.fullmatch(name)
+        if match and not process_running(int(match[1])):
             try:
                 os.unlink(folder / name)
             except OSError:

@@ -93,13 +93,14 @@ def test_attention_dropout_draws_one_mask_for_forward_and_backward(device, kerne
         raise
     masks = [check_one_draw(*args, *draw) for draw in draws]
     for i in range(len(masks)):
-        for j in range(i):
-            assert not torch.equal(masks[i], masks[j]), f"draws {j} and {i} used the same dropout mask"
+        for j in range(i):  # independent masks agree on 0.9^2 + 0.1^2 = 82% of the entries
+            agree = (masks[i] == masks[j]).float().mean().item()
+            assert agree < 0.9, f"draws {j} and {i}: {agree:.1%} of their dropout masks are the same"
 
 
 def replays(kernel, args):
-    """Two graphs of the same call in one memory pool (as train.py's length buckets share it), replayed in turn: the
-    first, the second, the first again. Each replay's output and gradients, copied."""
+    """Two graphs in one memory pool (as train.py's length buckets share it), each of two calls (as a step holds one
+    per layer), replayed in turn: the first, the second, the first again. Each call's output and gradients, copied."""
     static = [a if a is None else a.clone() for a in args]
     stream, pool = torch.cuda.Stream(), torch.cuda.graph_pool_handle()
     stream.wait_stream(torch.cuda.current_stream())
@@ -110,10 +111,10 @@ def replays(kernel, args):
     for _ in range(2):
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=pool):
-            result = attend(kernel, *static)
-        graphs.append(graph), results.append(result)
+            calls = [attend(kernel, *static) for _ in range(2)]
+        graphs.append(graph), results.append(calls)
     draws = []
     for g in (0, 1, 0):
         graphs[g].replay()
-        draws.append([t.clone() for t in results[g]])
+        draws += [[t.clone() for t in call] for call in results[g]]
     return draws

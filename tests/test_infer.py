@@ -555,7 +555,8 @@ def test_sigterm_leaves_no_output(standin, tmp_path):
 
 def test_kill_9_leaves_a_temporary_file_that_the_next_run_removes(standin, model, tmp_path):
     """SIGKILL cannot be caught: the old output is kept and the temporary file stays. The next run writing that output
-    removes it, but not the temporary file of a process still running here, nor another machine's."""
+    removes it, but not the temporary file of a process still running here, nor one of another machine or container
+    (whose process ids mean other processes), nor a file of any other shape."""
     from minilm.checkpoint import temporary_prefix
 
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
@@ -571,15 +572,18 @@ def test_kill_9_leaves_a_temporary_file_that_the_next_run_removes(standin, model
     assert proc.wait(timeout=60) == -signal.SIGKILL
     [left] = tmp_path.glob(".out.jsonl.*.tmp")
     assert left.name.startswith(f"{temporary_prefix(dst)}{proc.pid}.") and dst.read_text() == "old\n"
-    running = tmp_path / f"{temporary_prefix(dst)}{os.getpid()}.abc.tmp"
-    elsewhere = tmp_path / f".out.jsonl.another-host-{proc.pid}.abc.tmp"
-    running.write_text("a run still writing"), elsewhere.write_text("another machine's run")
+    running = tmp_path / f"{temporary_prefix(dst)}{os.getpid()}.abcd_123.tmp"
+    elsewhere = tmp_path / f".out.jsonl.0123456789ab-{proc.pid}.abcd_123.tmp"
+    notes = tmp_path / f"{temporary_prefix(dst)}{proc.pid}.my-notes.tmp"
+    for path in (running, elsewhere, notes):
+        path.write_text("not a stale temporary file of this machine")
     write_input(src, "jsonl", rows)
     done = subprocess.run([sys.executable, "infer.py", "--model", str(standin), "--device", "cpu", "--input", str(src),
                            "--output", str(dst)], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert_scored(model, rows, read_output(dst.read_text(), "jsonl"))
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([elsewhere.name, "in.jsonl", "out.jsonl", running.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["in.jsonl", "out.jsonl", running.name, elsewhere.name,
+                                                                 notes.name])
 
 
 BAD_INPUTS = {
