@@ -246,8 +246,8 @@ def atomic_path(path):
 
 def temporary_prefix(path: Path) -> str:
     """How the names of atomic_path's temporary files for `path` begin; the writer's process id comes next. The name
-    is cut short, so that the whole name stays a legal one."""
-    return f".{path.name[:64]}.{process_space()}-"
+    is cut to 120 bytes of UTF-8, so that the whole name stays within the usual limit of 255 bytes."""
+    return f".{path.name.encode('utf-8', 'surrogateescape')[:120].decode('utf-8', 'ignore')}.{process_space()}-"
 
 
 def process_space() -> str:
