@@ -537,10 +537,11 @@ def test_sighup_stops_cleanly_but_not_under_nohup(standin, model, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out-True.jsonl"]
 
 
-def test_sigterm_leaves_no_output(standin, tmp_path):
-    """SIGTERM (what `kill` and job schedulers send) while scoring: exit 143, no temporary file, the old output kept."""
+def scoring_into_old_output(standin, tmp_path, rows) -> subprocess.Popen:
+    """infer.py scoring 3,000 copies of `rows` from tmp_path/in.jsonl into tmp_path/out.jsonl (holding "old"), once
+    it has begun writing its temporary output."""
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    write_input(src, "jsonl", [{"query": q, "passage": p} for q, p in PAIRS] * 3000)
+    write_input(src, "jsonl", rows * 3000)
     dst.write_text("old\n")
     proc = subprocess.Popen([sys.executable, "infer.py", "--model", str(standin), "--device", "cpu", "--input", str(src),
                              "--output", str(dst)], cwd=REPO, stderr=subprocess.PIPE, text=True)
@@ -548,6 +549,13 @@ def test_sigterm_leaves_no_output(standin, tmp_path):
     while not list(tmp_path.glob(".out.jsonl.*.tmp")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     assert list(tmp_path.glob(".out.jsonl.*.tmp")), "the temporary output never appeared"
+    return proc
+
+
+def test_sigterm_leaves_no_output(standin, tmp_path):
+    """SIGTERM (what `kill` and job schedulers send) while scoring: exit 143, no temporary file, the old output kept."""
+    dst = tmp_path / "out.jsonl"
+    proc = scoring_into_old_output(standin, tmp_path, [{"query": q, "passage": p} for q, p in PAIRS])
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=60) == 143, proc.stderr.read()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"] and dst.read_text() == "old\n"
@@ -561,13 +569,7 @@ def test_kill_9_leaves_a_temporary_file_that_the_next_run_removes(standin, model
 
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     rows = [{"query": q, "passage": p} for q, p in PAIRS]
-    write_input(src, "jsonl", rows * 3000)
-    dst.write_text("old\n")
-    proc = subprocess.Popen([sys.executable, "infer.py", "--model", str(standin), "--device", "cpu", "--input", str(src),
-                             "--output", str(dst)], cwd=REPO, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while not list(tmp_path.glob(".out.jsonl.*.tmp")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
+    proc = scoring_into_old_output(standin, tmp_path, rows)
     proc.send_signal(signal.SIGKILL)
     assert proc.wait(timeout=60) == -signal.SIGKILL
     [left] = tmp_path.glob(".out.jsonl.*.tmp")
