@@ -34,6 +34,8 @@ import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from minilm.cli import ArgumentParser, whole_number
+
 DEFAULT_MODEL = "cross-encoder/ms-marco-MiniLM-L6-v2"
 DTYPE_CHOICES = ("fp32", "bf16", "fp16", "int8")
 FORMAT_CHOICES = ("jsonl", "tsv", "csv")
@@ -77,24 +79,8 @@ class ShardError(Exception):
         self.status = status
 
 
-def whole_number(minimum: int):
-    """An argparse type: a whole number of at least `minimum`."""
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-    return parse
-
-
-positive_int = whole_number(1)
-
-
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="infer.py",
         usage="%(prog)s [options] QUERY PASSAGE [PASSAGE ...]  |  %(prog)s [options] --input FILE [--output FILE]",
         description="Score (query, passage) pairs with a cross-encoder reranker: rank passages for one query,\n"
@@ -118,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     files.add_argument("--quiet", action="store_true", help="no progress bar (it is also off when stderr is not a terminal)")
 
     ranking = parser.add_argument_group("ranking mode")
-    ranking.add_argument("--top-k", type=positive_int, metavar="N", help="print only the N best passages")
+    ranking.add_argument("--top-k", type=whole_number(1), metavar="N", help="print only the N best passages")
     ranking.add_argument("--json", action="store_true",
                          help='print a JSON array of {"corpus_id", "score", "text"}, highest score first, '
                          "instead of a table")
@@ -128,7 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="a local checkpoint directory, a folder name under weights/, or a Hugging Face Hub id "
                        f"(default: {DEFAULT_MODEL})")
     model.add_argument("--revision", help="Hub revision (branch, tag or commit) of --model")
-    model.add_argument("--batch-size", type=positive_int, default=32, metavar="N", help="pairs per forward pass (default: 32)")
+    model.add_argument("--batch-size", type=whole_number(1), default=32, metavar="N", help="pairs per forward pass (default: 32)")
     model.add_argument("--max-length", type=whole_number(4), metavar="N",
                        help="tokens per pair including [CLS]/[SEP]; longer pairs are truncated (default: the model's, 512)")
     model.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu; cpu for int8)")
@@ -142,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def check_args(parser: argparse.ArgumentParser, args) -> None:
-    """Combinations argparse cannot express; each error exits 2 with the usage line."""
+    """Combinations argparse cannot express; each error is one line, exit status 2."""
     ranking = args.query is not None
     if args.input is not None:
         if ranking:

@@ -64,11 +64,11 @@ from safetensors.torch import load_file
 from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
-from minilm import cuda_graphs
+from minilm import cli, cuda_graphs
 from minilm import precision as precisions
 from minilm.checkpoint import TOKENIZER_FILES, CheckpointError, atomic_write, fsync, write_json, write_text
 from minilm.crossencoder import CrossEncoder
-from minilm.data import DataError, fingerprint, read_pairs, shown
+from minilm.data import DataError, fingerprint, read_pairs, read_ranking_pairs, shown
 from minilm.evaluate import evaluate, format_metrics
 from minilm.metrics import RELEVANT, has_relevant
 from minilm.plot import line_chart_svg
@@ -118,17 +118,11 @@ class TrainConfig:
     fp16_growth_interval: int = option(2000, "GradScaler: double the scale after N clean steps")
 
 
-def parse_bool(text: str) -> bool:
-    if text.lower() not in ("true", "false"):
-        raise ValueError(text)
-    return text.lower() == "true"
-
-
-parse_bool.__name__ = "true|false"  # argparse says "invalid true|false value: 'x'"
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")  # exactly: a user's checkpoint-500-best is not one
 MAX_STEPS = 100_000_000  # 1.6 billion pairs in batches of 16
 FP32_MAX = 3.4028234663852886e38  # the lr table, weight decay and the GradScaler's scale live in fp32
 METAVARS = {int: "N", float: "X", str: "TEXT", bool: "true|false"}
+OPTION_TYPES = {int: cli.whole_number(), float: cli.real_number, str: str, bool: cli.true_or_false}
 
 
 VALUE_RULES = [  # (option, test, the rule as the error says it)
@@ -148,11 +142,11 @@ VALUE_RULES = [  # (option, test, the rule as the error says it)
 def parse_config(argv) -> TrainConfig:
     """argparse built from TrainConfig: `--key value` or `--key=value` (dashes or underscores), typed, unknown keys
     refused, exit status 2 for any mistake (as for bad data)."""
-    parser = argparse.ArgumentParser(prog="train.py", usage="%(prog)s --train FILE --output DIR [--option VALUE ...]", description=__doc__.split("\n\n")[0],
-                                     epilog=__doc__.split("\n\n")[1], allow_abbrev=False,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = cli.ArgumentParser(prog="train.py", usage="%(prog)s --train FILE --output DIR [--option VALUE ...]",
+                                description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[1], allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(TrainConfig):
-        parser.add_argument(f"--{f.name.replace('_', '-')}", type=parse_bool if f.type is bool else f.type,
+        parser.add_argument(f"--{f.name.replace('_', '-')}", type=OPTION_TYPES[f.type],
                             default=f.default, metavar=METAVARS[f.type], help=f"{f.metadata['help']} (default: {str(f.default).lower() if f.type is bool else repr(f.default)})")
     # --batch_size as well as --batch-size, as Hugging Face's argument parser accepts
     argv = [a.split("=", 1)[0].replace("_", "-") + a[len(a.split("=", 1)[0]):] if a.startswith("--") else a for a in argv]
@@ -285,7 +279,7 @@ def log(line):
 # ---------------------------------------------------------------------------------------------------------- data
 try:  # every row of both files is checked before anything is loaded or written
     train_pairs = read_pairs(cfg.train, require_label=True)
-    eval_pairs = read_pairs(cfg.eval, require_label=True) if cfg.eval else []
+    eval_pairs = read_ranking_pairs(cfg.eval) if cfg.eval else []
 except DataError as e:
     die(e)
 if eval_pairs and not has_relevant(p.label for p in eval_pairs):
@@ -453,16 +447,18 @@ def json_line(entry) -> str:
 
 
 if cfg.resume:
-    ckpt = Path(cfg.resume)
+    ckpt, earlier = Path(cfg.resume), ""
     if cfg.resume == "latest":
         found = checkpoints(out)
         ckpt = found[-1] if found else die(f"--resume latest: no checkpoint-STEP folder in {out}")
+        # checkpoints are renamed into place only when complete, so damage came from outside: never skipped silently
+        earlier = f"; the one before it: --resume {found[-2]}" if len(found) > 1 else ""
     saved = read_state(ckpt)
     missing = [f.name for f in (ckpt / "trainer_state.json", ckpt / "model.safetensors", ckpt / "optimizer.pt",
                                 ckpt / "scaler.pt", ckpt / f"rng_state_{rank}.pth") if not f.is_file()]
     if missing or "step" not in saved:
         die(f"--resume: {ckpt} is not a complete checkpoint of train.py ({', '.join(missing) or 'trainer_state.json'} "
-            "missing or unreadable)")
+            f"missing or unreadable){earlier}")
     if isinstance(saved.get("model"), str):
         saved["model"] = model_id(saved["model"])  # checkpoints of earlier versions hold it as it was written
     # a key an earlier version did not save (log_every) does not stop its checkpoints from resuming
@@ -485,7 +481,7 @@ if cfg.resume:
         if named and int(named[1]) != state["step"]:
             raise ValueError(f"trainer_state.json says step {state['step']}, the folder's name step {named[1]}")
     except Exception as e:  # a truncated or foreign file: name it, do not train from a half-restored state
-        die(f"--resume: {ckpt} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+        die(f"--resume: {ckpt} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}){earlier}")
     tr_loss.fill_(pending["loss"] if master else 0.0)
     steps_done.fill_(state["step"])
     interval = {"steps": pending["steps"], "tokens": pending["tokens"] if master else 0, "padded": pending["padded"]}

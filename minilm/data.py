@@ -1,8 +1,9 @@
 """Reading (query, passage[, label]) files: JSONL, TSV or CSV with a header, streamed row by row.
 
 Text columns are `query`/`passage`, or `sentence_0`/`sentence_1` as in sentence-transformers datasets; `label` is a
-number in [0, 1]; an optional `qid` groups the candidates of one query. Every problem is a `DataError` whose message
-names the file, the line and the field ("train.jsonl:17: field 'label': expected a number in [0, 1], got 'yes'").
+number in [0, 1]; an optional `qid` (text or a whole number: 1 and "1" are one query) groups the candidates of one
+query in evaluation data. Every problem is a `DataError` whose message names the file, the line and the field
+("train.jsonl:17: field 'label': expected a number in [0, 1], got 'yes'").
 
 The formats, as the tools that write them mean them:
   * JSONL: one JSON object per line.
@@ -232,6 +233,33 @@ def iter_pairs(path: str, fmt: str | None = None, require_label: bool = False):
 def read_pairs(path: str, fmt: str | None = None, require_label: bool = False) -> list[Pair]:
     """Every row of a file, all checked before anything is returned."""
     return list(iter_pairs(path, fmt, require_label))
+
+
+def read_ranking_pairs(path: str, fmt: str | None = None) -> list[Pair]:
+    """Labelled pairs whose candidates are ranked per query (evaluation data), their qids checked: a qid is text or a
+    whole number; every row has one or none does (then the query text groups them); one qid is one query text. A file
+    that mixed them up (two files with qids 0, 1, ... concatenated) would otherwise rank foreign candidates together."""
+    pairs = read_pairs(path, fmt, require_label=True)
+    name, with_qid = shown(path), pairs[0].qid is not None
+    first = {}  # qid -> the first pair that has it
+    for p in pairs:
+        if (p.qid is not None) != with_qid:
+            has, lacks = (pairs[0], p) if with_qid else (p, pairs[0])
+            raise DataError(f"{name}:{p.line}: line {has.line} has a 'qid' and line {lacks.line} none: give every row a "
+                            "qid, or none (then the query text groups the candidates)")
+        if p.qid is None:
+            continue
+        raw = p.row["qid"]
+        if isinstance(raw, bool) or not isinstance(raw, (str, int)):
+            raise DataError(f"{name}:{p.line}: field 'qid': expected text or a whole number, got "
+                            f"{shorten(json.dumps(raw, ensure_ascii=False))}")
+        if not p.qid.strip():
+            raise DataError(f"{name}:{p.line}: field 'qid' is empty")
+        seen = first.setdefault(p.qid, p)
+        if seen.query != p.query:
+            raise DataError(f"{name}:{p.line}: qid {json.dumps(raw, ensure_ascii=False)} is the query {shorten(p.query)!r} "
+                            f"here and {shorten(seen.query)!r} at line {seen.line}: one qid, one query")
+    return pairs
 
 
 def fingerprint(pairs) -> str:

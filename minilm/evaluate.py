@@ -7,14 +7,14 @@ grouped by qid, or by query text when there is none (see minilm/metrics.py for t
 checkpoint that cannot be loaded: one error line and exit status 2.
 """
 
-import argparse
 import sys
 
 import torch
 
 from .checkpoint import CheckpointError
+from .cli import ArgumentParser, whole_number
 from .crossencoder import CrossEncoder
-from .data import DataError, read_pairs
+from .data import DataError, read_ranking_pairs
 from .metrics import RELEVANT, has_relevant, rerank_metrics
 
 
@@ -30,31 +30,24 @@ def format_metrics(m: dict) -> str:
     return f"MRR@10 {m['mrr@10']:.4f} | NDCG@10 {m['ndcg@10']:.4f} | R@1 {m['r@1']:.4f} | {m['queries']} queries"
 
 
-def positive_int(text: str) -> int:
-    value = int(text)  # a ValueError becomes argparse's "invalid positive_int value: 'x'", exit status 2
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m minilm.evaluate", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m minilm.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="cross-encoder/ms-marco-MiniLM-L6-v2", help="local dir, name under weights/, or Hub id")
     parser.add_argument("--data", required=True, help="labelled pairs: .jsonl, .tsv or .csv")
-    parser.add_argument("--batch-size", type=positive_int, default=32)
-    parser.add_argument("--max-length", type=int, default=None, help="tokens per pair (default: the checkpoint's, 512)")
+    parser.add_argument("--batch-size", type=whole_number(1), default=32)
+    parser.add_argument("--max-length", type=whole_number(4), default=None, help="tokens per pair (default: the checkpoint's, 512)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     args = parser.parse_args(argv)
     try:
-        pairs = read_pairs(args.data, require_label=True)
+        pairs = read_ranking_pairs(args.data)
     except DataError as e:
-        parser.exit(2, f"error: {e}\n")
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
     if not has_relevant(p.label for p in pairs):
-        parser.exit(2, f"error: {args.data}: no query has a relevant passage (label >= {RELEVANT}): nothing to rank\n")
+        parser.exit(2, f"{parser.prog}: error: {args.data}: no query has a relevant passage (label >= {RELEVANT}): nothing to rank\n")
     try:
         ce = CrossEncoder.from_pretrained(args.model, device=args.device, max_length=args.max_length)
     except (CheckpointError, ValueError, OSError) as e:
-        parser.exit(2, f"error: {e}\n")
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
     m = evaluate(ce, pairs, args.batch_size)
     skipped = f", {m['skipped']} queries without a relevant passage left out" if m["skipped"] else ""
     print(f"{format_metrics(m)} ({len(pairs)} pairs{skipped})")

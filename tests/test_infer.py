@@ -771,12 +771,15 @@ def test_bad_model_options(standin, capsys, argv, problem):
     ["--batch-size", "0", "q", "p"],
     ["--top-k", "two", "q", "p"],
     ["--dtype", "fp64", "q", "p"],
+    ["--batch-size", "1_0", "q", "p"],  # int() would read 10
+    ["--max-length", "\u0665\u0661\u0662", "q", "p"],  # int() would read 512 from these Arabic-Indic digits
 ])
 def test_argument_errors_exit_2(capsys, argv):
     rc, out, err = run(capsys, *argv)
     assert rc == 2
     assert out == ""
-    assert "infer.py: error:" in err and "Traceback" not in err
+    assert_one_line_error(err)
+    assert err.rstrip().endswith("(see infer.py --help)"), err
 
 
 def test_help_exits_0(capsys):

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file
 
 from minilm import CrossEncoder
+from minilm.data import DataError, read_ranking_pairs
 from minilm.evaluate import main as evaluate_main
 from minilm.metrics import rerank_metrics
 from reference.make_train_golden import weights_fingerprint  # the function the golden weights were fingerprinted with
@@ -234,8 +235,8 @@ def test_bad_data_exits_2_naming_the_line(tmp_path, train_inprocess, name, text,
 
 
 @pytest.mark.parametrize("args,message", [
-    (["--epochs", "2.5"], "argument --epochs: invalid int value: '2.5'"),
-    (["--lr=fast"], "argument --lr: invalid float value: 'fast'"),
+    (["--epochs", "2.5"], "argument --epochs: expected a whole number, got '2.5'"),
+    (["--lr=fast"], "argument --lr: expected a number, got 'fast'"),
     (["--bogus", "1"], "unrecognized arguments: --bogus 1"),
     (["--batch_size"], "argument --batch-size: expected one argument"),
     (["--epoch", "3"], "unrecognized arguments: --epoch 3"),  # no abbreviations: a typo is not another option
@@ -256,20 +257,28 @@ def test_bad_data_exits_2_naming_the_line(tmp_path, train_inprocess, name, text,
     (["--epochs", "200000000"], "train.py runs at most 100,000,000"),
     (["--seed", "-1"], "--seed must be in [0, 2**32) (numpy's limit), got -1"),
     (["--fp16-growth-interval", "0"], "--fp16-growth-interval must be at least 1, got 0"),
-    (["--overwrite-output", "maybe"], "invalid true|false value: 'maybe'"),
+    (["--overwrite-output", "maybe"], "argument --overwrite-output: expected true or false, got 'maybe'"),
     (["--precision", "fp16", "--device", "cpu"], "fp16 is for GPUs"),
     (["--device", "meta"], "train.py runs on cpu or cuda"),
+    # what Python's int() and float() take but nobody means: a typo must not pass as another number
+    (["--epochs", "1_0"], "argument --epochs: expected a whole number, got '1_0'"),
+    (["--seed", "\u0663"], "argument --seed: expected a whole number, got '\u0663'"),  # int("٣") is 3
+    (["--batch-size", " 16"], "argument --batch-size: expected a whole number, got ' 16'"),
+    (["--lr", "5_0e-6"], "argument --lr: expected a number, got '5_0e-6'"),
+    (["--lr", "5e-5 "], "argument --lr: expected a number, got '5e-5 '"),
+    (["--exact", "yes"], "argument --exact: expected true or false, got 'yes'"),
 ])
 def test_bad_options_exit_2(tmp_path, train_inprocess, args, message):
     (tmp_path / "t.jsonl").write_text(GOOD)
     code, err = train_inprocess("--train", tmp_path / "t.jsonl", "--output", tmp_path / "out", *args)
-    assert code == 2 and message in err and len(err.strip().splitlines()) <= 2, err  # argparse's usage line, the error
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("train.py: error: "), err
     assert not (tmp_path / "out").exists()
 
 
 def test_train_and_output_are_required(train_inprocess):
     code, err = train_inprocess("--train", PAIRS)
-    assert code == 2 and err.splitlines()[-1] == "train.py: error: --output DIR is required"
+    assert code == 2 and err.splitlines()[-1] == "train.py: error: --output DIR is required (see train.py --help)"
 
 
 def test_underscored_options_are_accepted(tmp_path, train_inprocess):
@@ -327,6 +336,14 @@ def test_resume_from_a_damaged_checkpoint_exits_2(run, standin_dir, tmp_path, tr
         (ckpt / "trainer_state.json").write_text("{}")
     code, err = train_inprocess(*golden_args(standin_dir, tmp_path / "x", "--resume", ckpt))
     assert code == 2 and str(ckpt) in err and len(err.strip().splitlines()) == 1, err
+    # `--resume latest` in a folder whose newest checkpoint is damaged: not skipped, but the one before it is named
+    out = tmp_path / "latest"
+    shutil.copytree(run / f"checkpoint-{RESUME_AT}", out / f"checkpoint-{RESUME_AT}")
+    shutil.move(ckpt, out / "checkpoint-28")
+    code, err = train_inprocess(*golden_args(standin_dir, out, "--resume", "latest"))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert f"--resume: {out / 'checkpoint-28'} is " in err, err
+    assert err.strip().endswith(f"; the one before it: --resume {out / f'checkpoint-{RESUME_AT}'}"), err
 
 
 def test_eval_data_without_a_relevant_passage_exits_2(tmp_path, train_inprocess, capsys):
@@ -337,6 +354,43 @@ def test_eval_data_without_a_relevant_passage_exits_2(tmp_path, train_inprocess,
     with pytest.raises(SystemExit) as e:
         evaluate_main(["--model", "unused", "--data", str(tmp_path / "e.jsonl")])
     assert e.value.code == 2 and "no query has a relevant passage" in capsys.readouterr().err
+
+
+QID_ERRORS = [
+    ('{"qid": 1, "query": "a", "passage": "p", "label": 1}\n{"query": "a", "passage": "p", "label": 0}\n',
+     "e.jsonl:2: line 1 has a 'qid' and line 2 none"),
+    ('{"query": "a", "passage": "p", "label": 1}\n{"qid": null, "query": "a", "passage": "p", "label": 0}\n'
+     '{"qid": 1, "query": "a", "passage": "p", "label": 0}\n', "e.jsonl:3: line 3 has a 'qid' and line 1 none"),
+    ('{"qid": 1.5, "query": "a", "passage": "p", "label": 1}\n', "e.jsonl:1: field 'qid': expected text or a whole number, got 1.5"),
+    ('{"qid": true, "query": "a", "passage": "p", "label": 1}\n', "e.jsonl:1: field 'qid': expected text or a whole number, got true"),
+    ('{"qid": [1], "query": "a", "passage": "p", "label": 1}\n', "e.jsonl:1: field 'qid': expected text or a whole number, got [1]"),
+    ('{"qid": " ", "query": "a", "passage": "p", "label": 1}\n', "e.jsonl:1: field 'qid' is empty"),
+    # two files with qids 0, 1, ... concatenated: their candidates would be ranked together
+    ('{"qid": 7, "query": "a", "passage": "p", "label": 1}\n{"qid": "7", "query": "b", "passage": "p", "label": 0}\n',
+     """e.jsonl:2: qid "7" is the query 'b' here and 'a' at line 1: one qid, one query"""),
+]
+
+
+@pytest.mark.parametrize("text,message", QID_ERRORS, ids=[m.split(": ", 1)[1][:30] for _, m in QID_ERRORS])
+def test_eval_qids_are_checked_before_training(tmp_path, train_inprocess, capsys, text, message):
+    (tmp_path / "t.jsonl").write_text(GOOD)
+    (tmp_path / "e.jsonl").write_text(text)
+    code, err = train_inprocess("--train", tmp_path / "t.jsonl", "--eval", tmp_path / "e.jsonl", "--output", tmp_path / "o")
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(SystemExit) as e:
+        evaluate_main(["--model", "unused", "--data", str(tmp_path / "e.jsonl")])
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_qids_1_and_text_1_are_one_query(tmp_path):
+    (tmp_path / "e.jsonl").write_text('{"qid": 1, "query": "a", "passage": "p", "label": 1}\n'
+                                      '{"qid": "1", "query": "a", "passage": "r", "label": 0}\n'
+                                      '{"qid": "x", "query": "a", "passage": "s", "label": 0}\n')
+    assert [p.qid for p in read_ranking_pairs(str(tmp_path / "e.jsonl"))] == ["1", "1", "x"]
+    (tmp_path / "e.tsv").write_text("qid\tquery\tpassage\tlabel\n1\ta\tp\t1\n1\tb\tp\t0\n")
+    with pytest.raises(DataError, match=r"e.tsv:3: qid \"1\" is the query 'b' here and 'a' at line 2"):
+        read_ranking_pairs(str(tmp_path / "e.tsv"))
 
 
 def test_output_that_is_not_this_runs_is_refused(run, standin_dir, tmp_path, train_inprocess):
