@@ -26,6 +26,7 @@ import itertools
 import json
 import math
 import os
+import re
 import shutil
 import signal
 import stat
@@ -39,6 +40,7 @@ from minilm.cli import ArgumentParser, whole_number
 DEFAULT_MODEL = "cross-encoder/ms-marco-MiniLM-L6-v2"
 DTYPE_CHOICES = ("fp32", "bf16", "fp16", "int8")
 FORMAT_CHOICES = ("jsonl", "tsv", "csv")
+JSON_SPACE = re.compile(r"[ \t\r\n]*")
 CHUNK_ROWS = 1024  # rows read, scored and written at a time in file mode (also how often the progress bar moves)
 # Tokenize the next chunk in a worker thread while this one is scored (see `tokenized`). Off: measured, it gained
 # nothing on a CPU (tokenizing is under 1% of the time there) and lost on an H100 (0.82x the pairs/s of tokenizing
@@ -115,7 +117,7 @@ def build_parser() -> argparse.ArgumentParser:
                        f"(default: {DEFAULT_MODEL})")
     model.add_argument("--revision", help="Hub revision (branch, tag or commit) of --model")
     model.add_argument("--batch-size", type=whole_number(1), default=32, metavar="N", help="pairs per forward pass (default: 32)")
-    model.add_argument("--max-length", type=whole_number(4), metavar="N",
+    model.add_argument("--max-length", type=whole_number(5), metavar="N",
                        help="tokens per pair including [CLS]/[SEP]; longer pairs are truncated (default: the model's, 512)")
     model.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available, else cpu; cpu for int8)")
     model.add_argument("--dtype", choices=DTYPE_CHOICES, default="fp32",
@@ -193,8 +195,8 @@ def rank_passages(args) -> int:
         raise UsageError(f"{'the QUERY' if e.text == 'query' else f'PASSAGE {e.index + 1}'} {e.problem}") from None
     logits = model.score_encodings(encodings, batch_size=args.batch_size)
     check_finite(logits, lambda i: f"PASSAGE {i + 1}", args)
-    scores = model.activate(logits, "sigmoid" if args.sigmoid else None).tolist()
-    results = ranked(scores, args.passages, args.top_k, return_documents=True)
+    scores = model.activate(logits, "sigmoid" if args.sigmoid else None)
+    results = ranked(scores, logits, args.passages, args.top_k, return_documents=True)
     if hasattr(sys.stdout, "reconfigure"):  # not on a StringIO that a caller of main() put there
         sys.stdout.reconfigure(encoding="utf-8")
     if args.json:
@@ -307,6 +309,8 @@ def check_output(output: str, fmt: str) -> None:
         raise UsageError(f"--output {output}: no such directory {str(path.parent)!r}")
     if not os.access(path.parent, os.W_OK):
         raise UsageError(f"--output {output}: cannot write to the directory {str(path.parent)!r}")
+    if path.exists() and not os.access(path, os.W_OK):  # a rename would replace it all the same; `>` would not
+        raise UsageError(f"--output {output}: the file is read-only")
     suffix = path.suffix.lower().lstrip(".")
     suffix = "jsonl" if suffix in ("json", "ndjson") else suffix
     if suffix in FORMAT_CHOICES and suffix != fmt:
@@ -376,13 +380,28 @@ def chunked(items, size: int):
         yield chunk
 
 
+def json_value_span(source: str, key: str) -> tuple[int, int]:
+    """Where, in a JSON object's text, the value of its top-level member `key` is (it has one, and only one)."""
+    def skip(i):  # JSON's whitespace
+        return JSON_SPACE.match(source, i).end()
+
+    i = skip(1)  # at a member's name
+    while True:
+        name, i = json.decoder.scanstring(source, i + 1)  # escapes decoded: "sc\u006fre" is score
+        start = skip(skip(i) + 1)  # past the colon
+        end = json.JSONDecoder().raw_decode(source, start)[1]
+        if name == key:
+            return start, end
+        i = skip(skip(end) + 1)  # past the comma
+
+
 class RowWriter:
     """Writes rows in `fmt` with a `score` field added (or replaced): JSONL objects (the row's own text with the score
-    added before its closing brace, so its numbers, escapes and spacing stay as they were; a row that already has a
-    score is written again as Python reads it, with the new one), TSV lines (fields joined by tabs, no quoting: the text
-    goes back byte for byte), or CSV records quoted by the csv module; TSV/CSV with a header (unless `header` is False:
-    rows that go after another writer's). The score is the float32 value as a Python float's repr (up to 17 digits),
-    which reads back to the same float32."""
+    added before its closing brace, or in place of the value of a score it already has, so its numbers, escapes and
+    spacing stay as they were), TSV lines (fields joined by tabs, no quoting: the text goes back byte for byte), or CSV
+    records quoted by the csv module; TSV/CSV with a header (unless `header` is False: rows that go after another
+    writer's). The score is the float32 value as a Python float's repr (up to 17 digits), which reads back to the same
+    float32."""
 
     def __init__(self, out, fmt: str, header: bool = True):
         from minilm.data import JSON_WHITESPACE
@@ -397,14 +416,14 @@ class RowWriter:
 
             self.csv = csv.writer(out, lineterminator="\n")
 
-    def write(self, row: dict, score: float, source: str | None = None) -> None:
-        """source: the JSONL row's text (data.Pair.source), if there is one."""
-        if self.fmt == "jsonl" and source is not None and "score" not in row:  # a non-empty object's text: "{...}"
-            self.out.write(source[:-1].rstrip(self.json_whitespace) + ', "score": ' + repr(score) + "}\n")
-            return
+    def write(self, row: dict, score: float, source: str | None) -> None:
+        """source: a JSONL row's text (data.Pair.source), a non-empty object "{...}"."""
         if self.fmt == "jsonl":
-            row["score"] = score
-            self.out.write(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n")  # valid JSON, always
+            if "score" in row:
+                start, end = json_value_span(source, "score")
+                self.out.write(source[:start] + repr(score) + source[end:] + "\n")
+            else:
+                self.out.write(source[:-1].rstrip(self.json_whitespace) + ', "score": ' + repr(score) + "}\n")
             return
         if self.header is None:
             self.header = list(row) + ([] if "score" in row else ["score"])
@@ -590,7 +609,7 @@ def main(argv=None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 1
     except OSError as e:  # writing the output failed (disk full, ...); the temporary file is already gone
-        return fail(f"{e.filename or args.output}: {e.strerror or e}", status=1)
+        return fail(f"{e.filename or ('<stdout>' if args.output in (None, '-') else args.output)}: {e.strerror or e}", status=1)
     finally:
         if shards is not None:
             shards.leave()

@@ -127,7 +127,8 @@ OPTION_TYPES = {int: cli.whole_number(), float: cli.real_number, str: str, bool:
 
 VALUE_RULES = [  # (option, test, the rule as the error says it)
     *((name, lambda v: v >= 1, "at least 1") for name in ("epochs", "batch_size", "log_every", "keep_checkpoints")),
-    *((name, lambda v: v >= 0, "0 or more") for name in ("max_length", "eval_every", "save_every", "max_steps")),
+    *((name, lambda v: v >= 0, "0 or more") for name in ("eval_every", "save_every", "max_steps")),
+    ("max_length", lambda v: v == 0 or v >= 5, "0 (the checkpoint's) or at least 5 (a token of query and passage each)"),
     ("seed", lambda v: 0 <= v < 2**32, "in [0, 2**32) (numpy's limit)"),
     ("lr", lambda v: 0 < v < FP32_MAX, "> 0 and below 3.4e38 (the lr table is fp32)"),
     ("warmup_ratio", lambda v: 0 <= v <= 1, "in [0, 1]"),

@@ -47,7 +47,9 @@ def resolve(name_or_path: str, revision: str | None = None) -> Path:
             raise CheckpointError(f"{name_or_path} is a local folder; a revision ({revision}) applies to Hub ids only")
         return _check_dir(path)
     looks_like_path = name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1 or (os.sep != "/" and os.sep in name_or_path)
-    if looks_like_path or path.exists():
+    if path.exists():
+        raise CheckpointError(f"{name_or_path} is a file; a model is a directory (config.json, model.safetensors, tokenizer)")
+    if looks_like_path:
         raise CheckpointError(f"{name_or_path}: no such directory")
     if revision is None:
         for weights in WEIGHTS_DIRS:

@@ -95,14 +95,14 @@ def usable_device(device) -> torch.device:
     return device
 
 
-def ranked(scores, documents: list, top_k: int | None = None, return_documents: bool = False) -> list:
-    """rank's results from the documents' scores: [{"corpus_id", "score"[, "text"]}] highest first, ties in input order."""
-    results = [{"corpus_id": i, "score": float(s)} for i, s in enumerate(scores)]
-    if return_documents:
-        for r in results:
-            r["text"] = documents[r["corpus_id"]]
-    results.sort(key=lambda r: r["score"], reverse=True)  # stable: equal scores keep input order
-    return results[:top_k]
+def ranked(scores, logits, documents: list, top_k: int | None = None, return_documents: bool = False) -> list:
+    """rank's results: [{"corpus_id", "score"[, "text"]}] highest score first, equal scores by their logits, then in
+    input order. (sentence-transformers sorts by score alone: a sigmoid rounds every logit above ~17 to 1.0 in fp32,
+    and such passages would then come in input order, the best possibly last.)"""
+    keys = [(float(s), float(x)) for s, x in zip(scores, logits)]
+    order = sorted(range(len(keys)), key=keys.__getitem__, reverse=True)  # stable: equal keys keep input order
+    return [{"corpus_id": i, "score": keys[i][0], **({"text": documents[i]} if return_documents else {})}
+            for i in order[:top_k]]
 
 
 class CrossEncoder:
@@ -226,7 +226,7 @@ class CrossEncoder:
 
     def rank(self, query: str, documents, top_k: int | None = None, return_documents: bool = False, batch_size: int = 32,
              activation=None, show_progress_bar: bool | None = None) -> list:
-        """Score every document against `query`; [{"corpus_id", "score"[, "text"]}] highest first, ties in input order.
+        """Score every document against `query`; [{"corpus_id", "score"[, "text"]}] highest first (see `ranked`).
 
         top_k: the number of results, at least 1 (None: all). `documents` is a list (or iterable) of strings."""
         if isinstance(documents, str):  # iterating it would score one-character documents
@@ -234,8 +234,8 @@ class CrossEncoder:
         if top_k is not None and top_k < 1:  # results[:-1] would silently drop the last one
             raise ValueError(f"top_k must be at least 1 (None: all documents), got {top_k}")
         documents = list(documents)
-        scores = self.predict([(query, d) for d in documents], batch_size, activation, show_progress_bar)
-        return ranked(scores, documents, top_k, return_documents)
+        logits = self.predict([(query, d) for d in documents], batch_size, "identity", show_progress_bar, convert_to_tensor=True)
+        return ranked(self.activate(logits, activation), logits, documents, top_k, return_documents)
 
     def save_pretrained(self, path) -> None:
         """Write a folder that minilm, sentence-transformers (5.1 and newer) and transformers all load, file by file

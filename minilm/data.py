@@ -133,10 +133,24 @@ def read_rows(path: str, fmt: str):
             header = values
             if len(set(header)) != len(header):
                 raise DataError(f"{name}:{n}: duplicate column names in header {header}")
+            check_header(header, name, n, fmt)
             continue
         if len(values) != len(header):
             raise DataError(f"{name}:{n}: expected {len(header)} fields ({', '.join(header)}), got {len(values)}")
         yield n, dict(zip(header, values)), None
+
+
+def check_header(header: list, name: str, n: int, fmt: str) -> None:
+    """A TSV/CSV header must name the two text columns: said once, at the header, not as a missing field of row 2."""
+    if any(set(columns) <= set(header) for columns in TEXT_FIELDS):
+        return
+    expected = next((columns for columns in TEXT_FIELDS if set(columns) & set(header)), TEXT_FIELDS[0])
+    missing = " and no ".join(repr(c) for c in expected if c not in header)
+    has = ", ".join(repr(shorten(c)) for c in header[:10]) + (", ..." if len(header) > 10 else "")
+    other = {"csv": ("\t", "tab", "tsv"), "tsv": (",", "comma", "csv")}[fmt]
+    hint = f" ({other[1]}-separated? name it .{other[2]} or give --format {other[2]})" if other[0] in "".join(header) else ""
+    raise DataError(f"{name}:{n}: the header has no {missing} column (expected 'query' and 'passage', or 'sentence_0' "
+                    f"and 'sentence_1'); it has {has}{hint}")
 
 
 def not_json(constant: str):
@@ -174,7 +188,10 @@ def csv_records(reader, numbers, name):
         except StopIteration:
             return
         except csv.Error as e:
-            raise DataError(f"{name}:{numbers[start] if len(numbers) > start else start + 1}: malformed CSV ({e})") from None
+            reason = str(e).split(" - do you need")[0]  # the csv module's advice to open the file otherwise: not for us
+            if reason.startswith("new-line character"):
+                reason = "a carriage return inside an unquoted field: quote the field"
+            raise DataError(f"{name}:{numbers[start] if len(numbers) > start else start + 1}: malformed CSV ({reason})") from None
         if values:
             yield numbers[start], values
 

@@ -35,7 +35,7 @@ def main(argv=None):
     parser.add_argument("--model", default="cross-encoder/ms-marco-MiniLM-L6-v2", help="local dir, name under weights/, or Hub id")
     parser.add_argument("--data", required=True, help="labelled pairs: .jsonl, .tsv or .csv")
     parser.add_argument("--batch-size", type=whole_number(1), default=32)
-    parser.add_argument("--max-length", type=whole_number(4), default=None, help="tokens per pair (default: the checkpoint's, 512)")
+    parser.add_argument("--max-length", type=whole_number(5), default=None, help="tokens per pair (default: the checkpoint's, 512)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     args = parser.parse_args(argv)
     try:

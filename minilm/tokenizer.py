@@ -101,8 +101,9 @@ class PairTokenizer:
     """Turns (query, passage) pairs into padded int64 arrays for the model."""
 
     def __init__(self, tokenizer: Tokenizer, max_length: int, pad_token: str = "[PAD]"):
-        if max_length < 4:
-            raise ValueError(f"max_length must be at least 4 ([CLS] q [SEP] p [SEP] needs 3 special tokens), got {max_length}")
+        if max_length < 5:  # at 4, truncation (as transformers does it) leaves the query no token: every query the same
+            raise ValueError(f"max_length must be at least 5 ([CLS] query [SEP] passage [SEP] with a token of each), "
+                             f"got {max_length}")
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.pad_id = tokenizer.token_to_id(pad_token)

@@ -11,6 +11,7 @@ import io
 import json
 import math
 import os
+import shutil
 import signal
 import stat
 import subprocess
@@ -307,19 +308,23 @@ def test_extra_fields_kept_and_existing_score_replaced(standin, model, tmp_path,
 
 def test_jsonl_rows_go_back_byte_for_byte_with_the_score_added(standin, model, tmp_path, capsys):
     """A JSONL row's numbers, escapes, spacing and key order stay as written (1e5 is not rewritten as 100000.0, nor
-    1.10 as 1.1); only the score is added before the closing brace. The first line's BOM, the whitespace around a row
-    and CRLF line ends are not part of the row."""
+    1.10 as 1.1); only the score is added before the closing brace, or put in place of the value of the score a row
+    already has (a file scored again). The first line's BOM, the whitespace around a row and CRLF line ends are not
+    part of the row."""
     lines = ['{"qid": 1e5, "query": "caf\\u00e9 \\"q\\"", "passage": "Лев\\tТолстой", "x": 1.10, "y": [2.50, -0.0]}',
              '{"query":"q two","passage":"p\\/two" , "z" : {"a": null, "b": 1E+2}}']
+    scored_before = ('{"query": "q3", "sc\\u006fre" :', ' 1e5 ', ', "passage": "p3 \\"score\\": 1", "m": {"score": 2}}')
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    src.write_bytes(("\ufeff" + lines[0] + "  \r\n\t" + lines[1] + "\n").encode("utf-8"))
+    src.write_bytes(("\ufeff" + lines[0] + "  \r\n\t" + lines[1] + "\n" + "".join(scored_before) + "\n").encode("utf-8"))
     rc, _, err = run(capsys, "--model", standin, "--device", "cpu", "--input", src, "--output", dst)
     assert rc == 0, err
     out = dst.read_text(encoding="utf-8").splitlines()
-    scores = expected_scores(model, [('café "q"', "Лев\tТолстой"), ("q two", "p/two")])
-    assert [line.rsplit(', "score": ', 1)[0] for line in out] == [lines[0][:-1], lines[1][:-1]]
+    scores = expected_scores(model, [('café "q"', "Лев\tТолстой"), ("q two", "p/two"), ("q3", 'p3 "score": 1')])
+    assert [line.rsplit(', "score": ', 1)[0] for line in out[:2]] == [lines[0][:-1], lines[1][:-1]]
+    assert all(line.endswith("}") for line in out[:2])
+    before, _, after = scored_before
+    assert out[2].startswith(before + " ") and out[2].endswith(" " + after) and "1e5" not in out[2]
     np.testing.assert_allclose([json.loads(line)["score"] for line in out], scores, atol=1e-6)
-    assert all(line.endswith("}") for line in out)
 
 
 def test_stdin_to_stdout_jsonl(standin, model, monkeypatch, capsys):
@@ -595,7 +600,7 @@ BAD_INPUTS = {
     "empty-passage": ("in.jsonl", '{"query": "q", "passage": "  "}\n', ":1", "'passage' is empty"),
     "number-passage": ("in.jsonl", '{"query": "q", "passage": 3}\n', ":1", "expected text"),
     "tsv-columns": ("in.tsv", "query\tpassage\nq\tp\nq\tp\textra\n", ":3", "expected 2 fields"),
-    "csv-missing-column": ("in.csv", "query,text\nq,p\n", ":2", "missing field 'passage'"),
+    "csv-missing-column": ("in.csv", "query,text\nq,p\n", ":1", "the header has no 'passage' column"),
     "unknown-extension": ("in.txt", '{"query": "q", "passage": "p"}\n', "", "cannot tell the format"),
     "empty-file": ("in.jsonl", "", "", "no rows"),
     "header-only": ("in.csv", "query,passage\n", "", "no rows"),
@@ -608,7 +613,12 @@ BAD_INPUTS = {
     "huge-number": ("in.jsonl", '{"query": "q", "passage": "p"}\n{"query": "q", "passage": "p", "x": 1e400}\n', ":2",
                     "the number 1e400 does not fit a 64-bit float"),
     "csv-stray-quote": ("in.csv", 'query,passage\nq,"p\nq,p\n', ":2", "malformed CSV"),
-    "header-without-columns": ("in.csv", "question,text\nq,p\n", ":2", "the row has 'question', 'text'"),
+    "csv-bare-carriage-return": ("in.csv", "query,passage\nq,p\rp\n", ":2",
+                                 "malformed CSV (a carriage return inside an unquoted field: quote the field)"),
+    "header-without-columns": ("in.csv", "question,text\nq,p\n", ":1", "no 'query' and no 'passage' column (expected "
+                               "'query' and 'passage', or 'sentence_0' and 'sentence_1'); it has 'question', 'text'"),
+    "tsv-named-csv": ("in.csv", "query\tpassage\nq\tp\n", ":1", "(tab-separated? name it .tsv or give --format tsv)"),
+    "csv-named-tsv": ("in.tsv", "query,passage\nq,p\n", ":1", "(comma-separated? name it .csv or give --format csv)"),
     "duplicate-key": ("in.jsonl", '{"query": "q", "passage": "p"}\n{"query": "q", "passage": "a", "passage": "b"}\n', ":2",
                       "duplicate key 'passage'"),
     "both-field-pairs": ("in.jsonl", '{"query": "q", "passage": "p", "sentence_0": "a", "sentence_1": "b"}\n', ":1",
@@ -694,6 +704,38 @@ def test_bad_output(tmp_path, monkeypatch, capsys, output, problem):
     assert list(tmp_path.iterdir()) == [src]
 
 
+def test_a_read_only_output_file_is_not_replaced(tmp_path):
+    """`> file` fails on a read-only file; renaming the finished output onto it would not: refused before scoring."""
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text('{"query": "q", "passage": "p"}\n')
+    dst.write_text("the user's\n")
+    dst.chmod(0o444)
+    as_user = []
+    if os.geteuid() == 0:  # root writes read-only files: run it without that capability
+        if not shutil.which("setpriv"):
+            pytest.skip("running as root, and no setpriv to drop root's override of file modes")
+        dropped = "-dac_override,-dac_read_search"
+        as_user = ["setpriv", f"--bounding-set={dropped}", f"--inh-caps={dropped}", "--"]
+    done = subprocess.run([*as_user, sys.executable, "infer.py", "--input", src, "--output", dst, "--model",
+                           tmp_path / "no-model"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2
+    assert_one_line_error(done.stderr, f"--output {dst}: the file is read-only")
+    assert dst.read_text() == "the user's\n" and sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux), a device always full")
+@pytest.mark.parametrize("mode", ["rank", "file"])
+def test_a_full_disk_on_stdout_is_one_line_naming_it(standin, tmp_path, mode):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"query": "q", "passage": "p"}\n')
+    args = ["q", "p one", "p two"] if mode == "rank" else ["--input", src]
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, "infer.py", "--model", standin, "--device", "cpu", *map(str, args)],
+                              cwd=REPO, stdout=full, stderr=subprocess.PIPE, text=True, timeout=120)
+    assert done.returncode == 1
+    assert_one_line_error(done.stderr, "<stdout>: No space left on device")
+
+
 # ------------------------------------------------------------------------------------------- model and argument errors
 
 def test_unknown_model_dir(tmp_path, capsys):
@@ -705,6 +747,11 @@ def test_unknown_model_dir(tmp_path, capsys):
     rc, _, err = run(capsys, "--model", tmp_path / "empty", "q", "p")
     assert rc == 2
     assert_one_line_error(err, "not a checkpoint directory")
+
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    rc, _, err = run(capsys, "--model", tmp_path / "model.safetensors", "q", "p")
+    assert rc == 2
+    assert_one_line_error(err, f"{tmp_path / 'model.safetensors'} is a file; a model is a directory")
 
 
 def test_empty_output_name(tmp_path, monkeypatch, capsys):
@@ -773,6 +820,7 @@ def test_bad_model_options(standin, capsys, argv, problem):
     ["--dtype", "fp64", "q", "p"],
     ["--batch-size", "1_0", "q", "p"],  # int() would read 10
     ["--max-length", "\u0665\u0661\u0662", "q", "p"],  # int() would read 512 from these Arabic-Indic digits
+    ["--max-length", "4", "q", "p"],  # [CLS] q [SEP] p [SEP] truncated to 4 tokens keeps no token of the query
 ])
 def test_argument_errors_exit_2(capsys, argv):
     rc, out, err = run(capsys, *argv)

@@ -279,6 +279,26 @@ def test_rank_refuses_what_it_would_get_silently_wrong(standin_model):
         standin_model.rank("where is paris", "abc")
 
 
+def test_rank_orders_by_logits_where_a_sigmoid_saturates(standin_model):
+    """fp32's sigmoid is 1.0 for every logit above ~17: ranking by those scores alone would put the passages in input
+    order (sentence-transformers does); equal scores are ordered by their logits."""
+    documents = ["Bananas are yellow.", "Paris is the capital of France.", "Berlin is in Germany.", "paris france"]
+    head = standin_model.model.classifier
+    saved = head.bias.detach().clone()
+    try:
+        plain = standin_model.rank("capital of france", documents)
+        with torch.no_grad():
+            head.bias += 60.0 - min(r["score"] for r in plain)  # every logit now above 60
+        raw = standin_model.rank("capital of france", documents)
+        squashed = standin_model.rank("capital of france", documents, activation="sigmoid")
+    finally:
+        with torch.no_grad():
+            head.bias.copy_(saved)
+    assert [r["corpus_id"] for r in raw] == [r["corpus_id"] for r in plain] != list(range(4))
+    assert all(r["score"] == 1.0 for r in squashed)  # saturated: the scores alone cannot order them
+    assert [r["corpus_id"] for r in squashed] == [r["corpus_id"] for r in plain]
+
+
 def test_score_logits_outside_inference_mode(standin_model, golden, golden_pairs, short_indices):
     """score_logits() is public (minilm.evaluate calls it): called without a no_grad/inference_mode context it must not
     build an autograd graph that keeps every batch's activations alive, and its result must convert to numpy."""

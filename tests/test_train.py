@@ -249,7 +249,8 @@ def test_bad_data_exits_2_naming_the_line(tmp_path, train_inprocess, name, text,
     (["--weight-decay", "inf"], "--weight-decay must be 0 or more and below 3.4e38 (fp32), got inf"),
     (["--max-grad-norm", "nan"], "--max-grad-norm must be > 0 (inf: no clipping), got nan"),
     (["--keep-checkpoints", "0"], "--keep-checkpoints must be at least 1, got 0"),
-    (["--max-length", "-1"], "--max-length must be 0 or more, got -1"),
+    (["--max-length", "-1"], "--max-length must be 0 (the checkpoint's) or at least 5 (a token of query and passage each), got -1"),
+    (["--max-length", "4"], "--max-length must be 0 (the checkpoint's) or at least 5"),  # 4 leaves the query no token
     (["--seed", str(2**32)], f"--seed must be in [0, 2**32) (numpy's limit), got {2**32}"),
     (["--fp16-init-scale", "inf"], "--fp16-init-scale must be > 0 and below 3.4e38"),  # every step skipped, nothing trained
     (["--eval-every", "5"], "--eval-every needs --eval FILE"),
