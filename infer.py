@@ -224,7 +224,7 @@ def preview(text: str, width: int) -> str:
 def score_file(args) -> int:
     from minilm.data import detect_format, iter_pairs
 
-    fmt = detect_format(args.input, args.format)
+    fmt = detect_format(args.input, args.format, "--format")
     check_output(args.output, fmt)
     total = None  # stdin and pipes (--input <(zcat pairs.jsonl.gz)) can be read only once: rows are checked as scored
     if args.input != "-" and not is_pipe(args.input):
@@ -484,7 +484,7 @@ class Shards:
         from minilm.data import detect_format, iter_pairs
 
         def check_input():
-            fmt = detect_format(args.input, args.format)
+            fmt = detect_format(args.input, args.format, "--format")
             if args.input == "-" or is_pipe(args.input):
                 raise UsageError(f"--input {args.input}: under torchrun every process reads the input; give a file")
             if self.rank == 0:

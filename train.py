@@ -66,7 +66,7 @@ from tqdm import tqdm
 
 from minilm import cli, cuda_graphs
 from minilm import precision as precisions
-from minilm.checkpoint import TOKENIZER_FILES, CheckpointError, atomic_write, fsync, write_json, write_text
+from minilm.checkpoint import TOKENIZER_FILES, CheckpointError, fsync, torch_save, write_json, write_text
 from minilm.crossencoder import CrossEncoder
 from minilm.data import DataError, fingerprint, read_pairs, read_ranking_pairs, shown
 from minilm.evaluate import evaluate, format_metrics
@@ -111,7 +111,8 @@ class TrainConfig:
                                       "trainer's, not yet explained (docs/performance.md): off until then. Not on CPUs, "
                                       "under torchrun or with --exact true")
     resume: str = option("", "a checkpoint folder, or 'latest' for the newest in --output")
-    overwrite_output: bool = option(False, "start over in an --output that holds an earlier run (its checkpoints are deleted)")
+    overwrite_output: bool = option(False, "start over in an --output that holds an earlier run (its model, logs and "
+                                           "checkpoints are deleted; other files stay)")
     max_steps: int = option(0, "> 0: train exactly this many steps, the schedule decaying to 0 there (overrides --epochs)")
     device: str = option("auto", "auto = cuda when available, else cpu")
     fp16_init_scale: float = option(65536.0, "GradScaler's initial scale (torch's default, the card's run)")
@@ -144,13 +145,11 @@ def parse_config(argv) -> TrainConfig:
     """argparse built from TrainConfig: `--key value` or `--key=value` (dashes or underscores), typed, unknown keys
     refused, exit status 2 for any mistake (as for bad data)."""
     parser = cli.ArgumentParser(prog="train.py", usage="%(prog)s --train FILE --output DIR [--option VALUE ...]",
-                                description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[1], allow_abbrev=False,
+                                description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     for f in fields(TrainConfig):
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=OPTION_TYPES[f.type],
                             default=f.default, metavar=METAVARS[f.type], help=f"{f.metadata['help']} (default: {str(f.default).lower() if f.type is bool else repr(f.default)})")
-    # --batch_size as well as --batch-size, as Hugging Face's argument parser accepts
-    argv = [a.split("=", 1)[0].replace("_", "-") + a[len(a.split("=", 1)[0]):] if a.startswith("--") else a for a in argv]
     cfg = TrainConfig(**vars(parser.parse_args(argv)))
     for bad, message in [
         (not cfg.train, "--train FILE is required"),
@@ -167,8 +166,11 @@ def parse_config(argv) -> TrainConfig:
     return cfg
 
 
-def die(message):
-    print(f"train.py: error: {message}", file=sys.stderr)
+def die(message, every_process=False):
+    """One line and exit status 2. Under torchrun every process checks the same options, data and files: one process
+    per machine says so (LOCAL_RANK 0; another machine may lack a file), unless the problem is this process's own."""
+    if every_process or os.environ.get("LOCAL_RANK", "0") == "0":
+        sys.stderr.write(f"train.py: error: {message}\n")  # one write: lines of two processes are not interleaved
     sys.exit(2)
 
 
@@ -232,10 +234,15 @@ earlier = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if
 if cfg.resume and cfg.resume != "latest" and earlier and Path(cfg.resume).resolve().parent != out.resolve():
     die(f"--resume {cfg.resume}: its run is not the one in --output {out} ({', '.join(earlier[:5])}); to continue it "
         "elsewhere, give an empty or new --output")
+listed = f"{', '.join(earlier[:5])}{', ...' if len(earlier) > 5 else ''}"
+holds_a_run = (out / "log.jsonl").is_file() or bool(checkpoints(out))  # what train.py writes first
+if earlier and not holds_a_run and (cfg.resume == "latest" or cfg.overwrite_output):
+    die(f"--output {out} holds no train.py run (no log.jsonl, no checkpoint-STEP folder) but other files ({listed}): "
+        f"nothing to {'resume' if cfg.resume else 'start over'}, nothing deleted; choose another folder")
 if earlier and not (cfg.resume or cfg.overwrite_output):
-    die(f"--output {out} is not empty ({', '.join(earlier[:5])}{', ...' if len(earlier) > 5 else ''}); pass --resume "
-        "latest to continue the run there, --overwrite-output true to start over (deletes its model, logs and "
-        "checkpoints), or choose another folder")
+    die(f"--output {out} is not empty ({listed}); "
+        + ("pass --resume latest to continue the run there, --overwrite-output true to start over (deletes its model, "
+           "logs and checkpoints; other files stay), or choose another folder" if holds_a_run else "choose another folder"))
 
 # -------------------------------------------------------------------------------------------- processes and device
 ddp = "RANK" in os.environ  # set by torchrun
@@ -258,7 +265,7 @@ precision = cfg.precision
 if precision == "auto":  # the trainer's choice for the exact loop; the fast loop also takes a CPU's native bf16
     precision = "fp16" if device.type == "cuda" else "bf16" if fast and precisions.native_bf16() else "fp32"
 try:
-    precisions.check(precision, device)
+    precisions.check(precision, device, offered=("fp32", "fp16", "bf16"))
 except ValueError as e:
     die(f"--precision {precision}: {e}")
 graphed = cfg.cuda_graphs  # minilm/cuda_graphs.py
@@ -293,6 +300,9 @@ if total_steps > MAX_STEPS:  # the lr schedule is a table of every step's lr, on
 epochs = math.ceil(total_steps / steps_per_epoch)
 
 # --------------------------------------------------------------------------------------------------------- model
+# A checkpoint without a head (a bare BERT encoder) gets one drawn at load time: from --seed, so that one command
+# always trains the same model (the Trainer's seed comes after the model, so there the head is drawn unseeded)
+torch.manual_seed(cfg.seed)
 try:
     ce = CrossEncoder.from_pretrained(cfg.model, device=device, max_length=cfg.max_length or None)
 except (CheckpointError, ValueError, OSError) as e:
@@ -356,6 +366,7 @@ steps_done = torch.zeros((), dtype=torch.int64, device=device)  # `step` on the 
 first_nonfinite = torch.zeros((), dtype=torch.int64, device=device)  # the first step whose loss was inf/nan, 0: none
 grad_norm = torch.zeros((), device=device)  # the last step's, before clipping
 interval = {"steps": 0, "tokens": 0, "padded": 0}  # the rest of what the next log line averages over
+interval_seconds = 0.0
 # What must be the same for --resume to continue a run exactly (the data by content, the recipe, the processes)
 run_info = {"train_sha256": fingerprint(train_pairs), "train_size": N, "exact": cfg.exact,
             "model": model_id(cfg.model),
@@ -412,25 +423,27 @@ def save_checkpoint(step):
     stop_if_diverged()
     final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
     loss_sum, tokens = interval_totals()  # a log interval may straddle the checkpoint
-    pending = {**interval, "loss": loss_sum, "tokens": int(tokens)}
+    pending = {**interval, "loss": loss_sum, "tokens": int(tokens), "seconds": time.time() - t_log}
     if master:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     if ddp:
         dist.barrier()
     try:
-        atomic_write(tmp / f"rng_state_{rank}.pth", lambda f: torch.save(rng_state(), f))
+        torch_save(tmp / f"rng_state_{rank}.pth", rng_state())
         if master:
             ce.save_pretrained(tmp)
-            for name, obj in (("optimizer.pt", optimizer), ("scaler.pt", scaler)):
-                atomic_write(tmp / name, lambda f, obj=obj: torch.save(obj.state_dict(), f))
+            torch_save(tmp / "optimizer.pt", optimizer.state_dict())
+            torch_save(tmp / "scaler.pt", scaler.state_dict())
             write_json(tmp / "trainer_state.json", {**run_info, **state, "epoch": step // steps_per_epoch,
                                                     "batch_in_epoch": step % steps_per_epoch, "scheduler_steps": int(taken),
                                                     "interval": pending})
-    except (OSError, RuntimeError) as e:  # disk full: torch.save says so as a RuntimeError from its zip writer
+    except OSError as e:  # a full disk
         shutil.rmtree(tmp, ignore_errors=True)
-        print(f"train.py: error: writing checkpoint {final} failed ({str(e).splitlines()[0]}); the last complete "
-              "checkpoint is kept", file=sys.stderr)
+        kept = checkpoints(out, run_info)
+        print(f"train.py: error: writing checkpoint {final} failed ({str(e).splitlines()[0]}); "
+              f"{f'the last complete one, {kept[-1].name}, is kept' if kept else 'no earlier checkpoint to keep'}",
+              file=sys.stderr)
         sys.exit(1)
     if ddp:
         dist.barrier()
@@ -459,7 +472,7 @@ if cfg.resume:
                                 ckpt / "scaler.pt", ckpt / f"rng_state_{rank}.pth") if not f.is_file()]
     if missing or "step" not in saved:
         die(f"--resume: {ckpt} is not a complete checkpoint of train.py ({', '.join(missing) or 'trainer_state.json'} "
-            f"missing or unreadable){earlier}")
+            f"missing or unreadable){earlier}", every_process=True)  # rng_state_{rank}.pth is each process's own
     if isinstance(saved.get("model"), str):
         saved["model"] = model_id(saved["model"])  # checkpoints of earlier versions hold it as it was written
     # a key an earlier version did not save (log_every) does not stop its checkpoints from resuming
@@ -477,15 +490,19 @@ if cfg.resume:
         pending = saved["interval"]  # sums over all ranks: rank 0 carries them on
         named = CHECKPOINT_NAME.fullmatch(ckpt.name)
         if not (isinstance(state["step"], int) and 0 < state["step"] <= total_steps and isinstance(state["history"], list)
-                and isinstance(state["loss_total"], (int, float)) and isinstance(pending, dict)):
+                and isinstance(state["loss_total"], (int, float)) and isinstance(pending, dict)
+                and all(isinstance(pending.get(k), (int, float)) for k in ("loss", "steps", "tokens", "padded"))
+                and isinstance(pending.get("seconds", 0.0), (int, float))):  # checkpoints before 2026-11-28 have none
             raise ValueError("trainer_state.json: step, history, loss_total or interval of the wrong type or range")
         if named and int(named[1]) != state["step"]:
             raise ValueError(f"trainer_state.json says step {state['step']}, the folder's name step {named[1]}")
     except Exception as e:  # a truncated or foreign file: name it, do not train from a half-restored state
-        die(f"--resume: {ckpt} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}){earlier}")
+        die(f"--resume: {ckpt} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}){earlier}",
+            every_process=True)
     tr_loss.fill_(pending["loss"] if master else 0.0)
     steps_done.fill_(state["step"])
     interval = {"steps": pending["steps"], "tokens": pending["tokens"] if master else 0, "padded": pending["padded"]}
+    interval_seconds = pending.get("seconds", 0.0)  # the interval's time before the checkpoint, for its tokens/s
     log(f"resumed from {ckpt} at step {state['step']}")
 
 if master:
@@ -511,13 +528,16 @@ def record(entry):
         log_file.flush()
 
 
-def log_interval(step, epoch, lr):
+def log_interval(step, epoch):
     """The mean loss of the steps since the last log line, and what else the log shows (syncs the host: log time)."""
     global t_log, interval
     loss_sum, tokens = interval_totals()
     tr_loss.zero_()
     dt, t_log = time.time() - t_log, time.time()
-    entry = {"step": step, "epoch": epoch, "loss": loss_sum / interval["steps"], "lr": float(lr),
+    # the last step's lr, from the schedule's Python floats (the fast loop's copy on the device is fp32): `taken`
+    # counts that step unless the GradScaler skipped it
+    lr = schedule[int(taken) - (int(torch.isfinite(grad_norm)) if scaler.is_enabled() else 1)]
+    entry = {"step": step, "epoch": epoch, "loss": loss_sum / interval["steps"], "lr": lr,
              "grad_norm": grad_norm.item(), "tokens_per_s": tokens / dt, "seconds": dt,
              "padding": 1 - interval["tokens"] / interval["padded"]}
     if scaler.is_enabled():
@@ -529,7 +549,7 @@ def log_interval(step, epoch, lr):
     interval = {"steps": 0, "tokens": 0, "padded": 0}
 
 
-eval_sha256 = fingerprint(eval_pairs)  # a resumed run may evaluate on other data: the model card shows this data's
+eval_sha256 = fingerprint(eval_pairs, with_qids=True)  # a resumed run may evaluate on other data: the card shows this data's
 
 
 def run_eval(step):
@@ -577,7 +597,8 @@ if graphed:
     lasting = [taken, lr_now, tr_loss, steps_done, first_nonfinite, grad_norm]  # the loop's state on the device
     graphed_steps = cuda_graphs.GraphedSteps(train_step, model, optimizer, scaler, lasting, ce.max_length, ce.tokenizer.pad_id)
 step = first_step = state["step"]
-t_start = t_log = time.time()
+t_start = time.time()
+t_log = t_start - interval_seconds
 bar = tqdm(total=total_steps, initial=step, disable=not master or not sys.stderr.isatty(), unit="step", dynamic_ncols=True)
 start_epoch, start_batch = divmod(step, steps_per_epoch)
 for epoch in range(start_epoch, epochs):
@@ -612,7 +633,7 @@ for epoch in range(start_epoch, epochs):
             interval["padded"] += sum(lengths) if fast else len(lengths) * max(lengths)
         if step % cfg.log_every == 0 or step == total_steps:  # the last, partial interval too
             stop_if_diverged()
-            log_interval(step, epoch + (b + 1) / steps_per_epoch, optimizer.param_groups[0]["lr"])
+            log_interval(step, epoch + (b + 1) / steps_per_epoch)
         if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
             run_eval(step)
         if cfg.save_every and step % cfg.save_every == 0:
@@ -635,7 +656,9 @@ def model_card() -> str:
     losses = [r for r in state["history"] if "loss" in r]
     evals = [r for r in state["history"] if "eval_mrr@10" in r and r.get("eval_sha256", eval_sha256) == eval_sha256]
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("train", "output", "resume", "overwrite_output") and v != ""}
-    settings.update(epochs=epochs, precision=precision, processes=world, total_steps=total_steps)  # as run, not as asked
+    settings.update(epochs=epochs, precision=precision, processes=world, total_steps=total_steps,  # as run, not as asked
+                    max_length=ce.max_length, device=str(device))
+    settings = {k: str(v).lower() if isinstance(v, bool) else v for k, v in settings.items()}  # as the options take them
     return "\n".join([
         "---", "library_name: minilm", "pipeline_tag: text-ranking", f"base_model: {cfg.model}",
         "tags: [cross-encoder, reranker, generated_from_trainer, loss:BinaryCrossEntropyLoss]", "---", "",
@@ -661,8 +684,10 @@ def model_card() -> str:
 if master:
     ce.save_pretrained(out)
     losses = [r for r in state["history"] if "loss" in r]
+    rest = step % cfg.log_every if step > cfg.log_every else 0  # the last interval, when shorter
     svg = line_chart_svg({"loss": ([r["step"] for r in losses], [r["loss"] for r in losses])},
-                         f"training loss on {Path(cfg.train).name} (mean of every {cfg.log_every} steps)", "step", "BCE loss")
+                         f"training loss on {Path(cfg.train).name} (mean of every {min(cfg.log_every, step)} steps"
+                         f"{f', the last of {rest}' if rest else ''})", "step", "BCE loss")
     write_text(out / "loss.svg", svg)
     write_text(out / "README.md", model_card())
     log_file.close()

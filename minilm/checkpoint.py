@@ -308,6 +308,16 @@ def atomic_write(path: Path, write) -> None:
         write(tmp)
 
 
+def torch_save(path: Path, obj) -> None:
+    """torch.save, atomically (see atomic_path), through a Python file: a full disk is then an OSError that says so
+    (torch's own file writer reports it as a RuntimeError, "unexpected pos 116606144 vs 116606032")."""
+    def write(tmp):
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+
+    atomic_write(path, write)
+
+
 @contextmanager
 def atomic_open(path: Path):
     """A UTF-8 text file whose content replaces `path` atomically when the block completes (see atomic_path)."""

@@ -5,6 +5,7 @@ No torch here: infer.py checks its arguments before importing it, so that `--hel
 
 import argparse
 import re
+import sys
 
 # Python's int() and float() also take "1_0" (10), " 7 " and other scripts' digits ("٣" is 3): a typo would pass
 WHOLE = re.compile(r"[+-]?[0-9]+")
@@ -12,11 +13,33 @@ REAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(inf|
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse whose mistakes are one line, exit status 2, like every other error of these tools (argparse prints its
-    usage line above the error; the usage is one `--help` away)."""
+    """argparse, and:
+      * a mistake is one line, exit status 2, like every other error of these tools (argparse prints its usage line
+        above the error; the usage is one `--help` away);
+      * no abbreviations: a typo (--epoch) is not taken for another option (--epochs);
+      * `--batch_size` for `--batch-size`, as Hugging Face's argument parser takes;
+      * a negative number as an option's value (`--lr -1e-5`, which argparse takes for an option, as it reads only
+        `-1` and `-.5` as numbers), so that the option's own rule says what is wrong with it."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, allow_abbrev=False, **kwargs)
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        end = args.index("--") if "--" in args else len(args)  # after it, nothing is an option
+        options = [a.partition("=")[0].replace("_", "-") + "".join(a.partition("=")[1:]) if a.startswith("--") else a
+                   for a in args[:end]]
+        joined = []
+        for a in options:
+            action = self._option_string_actions.get(joined[-1]) if joined else None
+            if action is not None and action.nargs is None and a.startswith("-") and REAL.fullmatch(a):
+                joined[-1] += f"={a}"
+            else:
+                joined.append(a)
+        return super().parse_known_args(joined + args[end:], namespace)
 
 
 def whole_number(minimum: int | None = None):

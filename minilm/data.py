@@ -27,6 +27,7 @@ TEXT_FIELDS = (("query", "passage"), ("sentence_0", "sentence_1"))
 # The csv module's default field limit, 128 Ki characters, refuses long passages; no limit would let one stray quote
 # pull the rest of a big file into memory before the error
 CSV_FIELD_CHARS = 64 << 20
+INT_DIGITS = 4300  # sys.get_int_max_str_digits()'s default
 NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")  # what a data file means by a number: no "0_1", no "inf"
 
 
@@ -50,8 +51,9 @@ def shown(path: str) -> str:
     return "<stdin>" if path == "-" else path
 
 
-def detect_format(path: str, fmt: str | None = None) -> str:
-    """The format from `fmt` or the file extension; standard input ('-') is JSONL unless told otherwise."""
+def detect_format(path: str, fmt: str | None = None, option: str = "") -> str:
+    """The format from `fmt` or the file extension; standard input ('-') is JSONL unless told otherwise. `option`: the
+    command-line option that gives a format, if the caller has one (infer.py's --format), for the error to suggest."""
     if fmt is not None:
         if fmt not in FORMATS:
             raise DataError(f"unknown format {fmt!r}; expected one of {', '.join(FORMATS)}")
@@ -63,7 +65,8 @@ def detect_format(path: str, fmt: str | None = None) -> str:
         return "jsonl"
     if suffix in ("tsv", "csv"):
         return suffix
-    raise DataError(f"{path}: cannot tell the format from the extension {suffix or '(none)'!r}; use .jsonl, .tsv or .csv (or --format)")
+    raise DataError(f"{path}: cannot tell the format from the extension {suffix or '(none)'!r}; use .jsonl, .tsv or .csv"
+                    f"{f' (or {option})' if option else ''}")
 
 
 def text_lines(path: str):
@@ -103,7 +106,8 @@ def read_rows(path: str, fmt: str):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line, parse_constant=not_json, parse_float=finite_float, object_pairs_hook=unique_keys)
+                row = json.loads(line, parse_constant=not_json, parse_float=finite_float, parse_int=whole_number,
+                                 object_pairs_hook=unique_keys)
             except json.JSONDecodeError as e:
                 raise DataError(f"{name}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
             except ValueError as e:
@@ -179,6 +183,12 @@ def finite_float(text: str) -> float:
     return value
 
 
+def whole_number(text: str) -> int:
+    if len(text) > INT_DIGITS:  # Python's own limit, whose message would advise calling sys.set_int_max_str_digits()
+        raise ValueError(f"the number {text[:12]}... has {len(text):,} digits; at most {INT_DIGITS:,} are read")
+    return int(text)
+
+
 def csv_records(reader, numbers, name):
     """(first line number, fields) of each CSV record; a quoted field may span lines."""
     while True:
@@ -225,13 +235,14 @@ def parse_pair(row: dict, name: str, n: int, require_label: bool, source: str | 
             raise DataError(f"{name}:{n}: missing field 'label'")
         raw = row["label"]
         if isinstance(raw, (int, float)) and not isinstance(raw, bool):
-            label = float(raw)
+            label = float(raw) if abs(raw) <= 2 else math.nan  # a 400-digit int would overflow a float
         elif isinstance(raw, str) and NUMBER.fullmatch(raw.strip()):
             label = float(raw)
         else:
             label = math.nan
         if not 0.0 <= label <= 1.0:  # also rejects NaN
-            raise DataError(f"{name}:{n}: field 'label': expected a number in [0, 1], got {json.dumps(raw, ensure_ascii=False)}")
+            raise DataError(f"{name}:{n}: field 'label': expected a number in [0, 1], got "
+                            f"{shorten(json.dumps(raw, ensure_ascii=False))}")
     qid = row.get("qid")
     return Pair(texts[0], texts[1], label, None if qid is None else str(qid), n, row, source)
 
@@ -279,9 +290,11 @@ def read_ranking_pairs(path: str, fmt: str | None = None) -> list[Pair]:
     return pairs
 
 
-def fingerprint(pairs) -> str:
-    """sha256 of the (query, passage, label) content of `pairs`, in order: the same data whatever the file format."""
+def fingerprint(pairs, with_qids: bool = False) -> str:
+    """sha256 of the (query, passage, label[, qid]) content of `pairs`, in order: the same data whatever the file
+    format. Qids group evaluation data, so they count there."""
     digest = hashlib.sha256()
     for p in pairs:
-        digest.update(json.dumps([p.query, p.passage, p.label], ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n")
+        fields = [p.query, p.passage, p.label, *([p.qid] if with_qids else [])]
+        digest.update(json.dumps(fields, ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n")
     return digest.hexdigest()

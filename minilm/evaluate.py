@@ -27,7 +27,8 @@ def evaluate(ce, pairs, batch_size: int = 32) -> dict:
 
 
 def format_metrics(m: dict) -> str:
-    return f"MRR@10 {m['mrr@10']:.4f} | NDCG@10 {m['ndcg@10']:.4f} | R@1 {m['r@1']:.4f} | {m['queries']} queries"
+    skipped = f", {m['skipped']} without a relevant passage left out" if m["skipped"] else ""
+    return f"MRR@10 {m['mrr@10']:.4f} | NDCG@10 {m['ndcg@10']:.4f} | R@1 {m['r@1']:.4f} | {m['queries']} queries{skipped}"
 
 
 def main(argv=None):
@@ -49,8 +50,7 @@ def main(argv=None):
     except (CheckpointError, ValueError, OSError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
     m = evaluate(ce, pairs, args.batch_size)
-    skipped = f", {m['skipped']} queries without a relevant passage left out" if m["skipped"] else ""
-    print(f"{format_metrics(m)} ({len(pairs)} pairs{skipped})")
+    print(f"{format_metrics(m)} ({len(pairs)} pairs)")
 
 
 if __name__ == "__main__":

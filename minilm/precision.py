@@ -30,17 +30,22 @@ def native_bf16() -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
-def check(precision: str, device: torch.device) -> str:
+def check(precision: str, device: torch.device, offered=PRECISIONS) -> str:
     """Refuse a precision where it would be slower than fp32: bf16 on CPUs without native bf16, fp16 on any CPU,
-    int8 (fbgemm) anywhere but the CPU."""
+    int8 (fbgemm) anywhere but the CPU. `offered`: the precisions the caller takes, of which the error suggests those
+    that run well here."""
+    def instead(*names):
+        return " or ".join(name for name in names if name in offered)
+
     if device.type == "cpu":
         if precision == "bf16" and not native_bf16():
             raise ValueError("bf16 needs a CPU with AVX512-BF16 or AMX (this one would emulate it, slower than fp32); "
-                             "use fp32 or int8")
+                             f"use {instead('fp32', 'int8')}")
         if precision == "fp16":
-            raise ValueError("fp16 is for GPUs (CPUs emulate it, slower than fp32); on a CPU use bf16 or int8")
+            raise ValueError("fp16 is for GPUs (CPUs emulate it, slower than fp32); on this CPU use "
+                             f"{instead(*(['bf16'] if native_bf16() else []), 'fp32', 'int8')}")
     elif precision == "int8":
-        raise ValueError("int8 (dynamic quantization) runs on the CPU only; on a GPU use fp16 or bf16")
+        raise ValueError(f"int8 (dynamic quantization) runs on the CPU only; on a GPU use {instead('fp16', 'bf16', 'fp32')}")
     return precision
 
 

@@ -46,7 +46,7 @@ torch.cuda.Stream = torch.cuda.current_stream = lambda device=None: NoStream()
 torch.cuda.stream = lambda stream: contextlib.nullcontext()
 torch.Tensor.pin_memory = lambda self: self
 cuda_graphs.usable = lambda device: True
-minilm.precision.check = lambda precision, device: precision
+minilm.precision.check = lambda precision, *args, **kwargs: precision
 cuda_graphs.GraphedSteps.capture = capture
 atexit.register(lambda: print(f"captured: {captured}", file=sys.stderr))
 sys.argv = [str(REPO / "train.py"), *sys.argv[1:]]

@@ -821,6 +821,7 @@ def test_bad_model_options(standin, capsys, argv, problem):
     ["--batch-size", "1_0", "q", "p"],  # int() would read 10
     ["--max-length", "\u0665\u0661\u0662", "q", "p"],  # int() would read 512 from these Arabic-Indic digits
     ["--max-length", "4", "q", "p"],  # [CLS] q [SEP] p [SEP] truncated to 4 tokens keeps no token of the query
+    ["--dev", "cpu", "q", "p"],  # no abbreviations: a typo is not taken for another option
 ])
 def test_argument_errors_exit_2(capsys, argv):
     rc, out, err = run(capsys, *argv)
