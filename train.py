@@ -169,7 +169,7 @@ def parse_config(argv) -> TrainConfig:
 def die(message, every_process=False):
     """One line and exit status 2. Under torchrun every process checks the same options, data and files: one process
     per machine says so (LOCAL_RANK 0; another machine may lack a file), unless the problem is this process's own."""
-    if every_process or os.environ.get("LOCAL_RANK", "0") == "0":
+    if every_process or "RANK" not in os.environ or os.environ.get("LOCAL_RANK", "0") == "0":
         sys.stderr.write(f"train.py: error: {message}\n")  # one write: lines of two processes are not interleaved
     sys.exit(2)
 
@@ -491,8 +491,10 @@ if cfg.resume:
         named = CHECKPOINT_NAME.fullmatch(ckpt.name)
         if not (isinstance(state["step"], int) and 0 < state["step"] <= total_steps and isinstance(state["history"], list)
                 and isinstance(state["loss_total"], (int, float)) and isinstance(pending, dict)
-                and all(isinstance(pending.get(k), (int, float)) for k in ("loss", "steps", "tokens", "padded"))
-                and isinstance(pending.get("seconds", 0.0), (int, float))):  # checkpoints before 2026-11-28 have none
+                and all(isinstance(pending.get(k), (int, float)) and 0 <= pending[k] < math.inf
+                        for k in ("loss", "steps", "tokens", "padded"))
+                and isinstance(pending.get("seconds", 0.0), (int, float))  # checkpoints before 2026-11-28 have none
+                and 0 <= pending.get("seconds", 0.0) < math.inf):
             raise ValueError("trainer_state.json: step, history, loss_total or interval of the wrong type or range")
         if named and int(named[1]) != state["step"]:
             raise ValueError(f"trainer_state.json says step {state['step']}, the folder's name step {named[1]}")

@@ -28,18 +28,27 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
     def parse_known_args(self, args=None, namespace=None):
+        return super().parse_known_args(self.rewritten(args), namespace)
+
+    def parse_known_intermixed_args(self, args=None, namespace=None):  # Python >= 3.12.8 does not go through the above
+        return super().parse_known_intermixed_args(self.rewritten(args), namespace)
+
+    def rewritten(self, args) -> list:
+        """`args` with `--x_y` as `--x-y` and `--opt -1e-5` as `--opt=-1e-5`, for this parser's own options only (a
+        passage such as "--snake_case is a style" stays as written); the same when applied twice."""
         args = sys.argv[1:] if args is None else list(args)
         end = args.index("--") if "--" in args else len(args)  # after it, nothing is an option
-        options = [a.partition("=")[0].replace("_", "-") + "".join(a.partition("=")[1:]) if a.startswith("--") else a
-                   for a in args[:end]]
-        joined = []
-        for a in options:
-            action = self._option_string_actions.get(joined[-1]) if joined else None
+        out = []
+        for a in args[:end]:
+            name, equals, value = a.partition("=")
+            if a.startswith("--") and name.replace("_", "-") in self._option_string_actions:
+                a = name.replace("_", "-") + equals + value
+            action = self._option_string_actions.get(out[-1]) if out else None
             if action is not None and action.nargs is None and a.startswith("-") and REAL.fullmatch(a):
-                joined[-1] += f"={a}"
+                out[-1] += f"={a}"
             else:
-                joined.append(a)
-        return super().parse_known_args(joined + args[end:], namespace)
+                out.append(a)
+        return out + args[end:]
 
 
 def whole_number(minimum: int | None = None):

@@ -292,9 +292,9 @@ def read_ranking_pairs(path: str, fmt: str | None = None) -> list[Pair]:
 
 def fingerprint(pairs, with_qids: bool = False) -> str:
     """sha256 of the (query, passage, label[, qid]) content of `pairs`, in order: the same data whatever the file
-    format. Qids group evaluation data, so they count there."""
+    format. Qids group evaluation data, so they count there (where given: data without them hashes as before)."""
     digest = hashlib.sha256()
     for p in pairs:
-        fields = [p.query, p.passage, p.label, *([p.qid] if with_qids else [])]
+        fields = [p.query, p.passage, p.label, *([p.qid] if with_qids and p.qid is not None else [])]
         digest.update(json.dumps(fields, ensure_ascii=False).encode("utf-8", "surrogatepass") + b"\n")
     return digest.hexdigest()

@@ -164,6 +164,17 @@ def test_rank_top_k_and_options_between_positionals(standin, model, capsys):
     assert [r["corpus_id"] for r in results] == list(np.argsort(-scores, kind="stable")[:2])
 
 
+def test_option_spellings_do_not_touch_passages(standin, capsys):
+    """--top_k for --top-k (Hugging Face's spelling) and a negative value reaching the option's own rule, but a passage
+    that merely starts with "--" and has a space stays as written."""
+    rc, out, err = run(capsys, "--model", standin, "--device", "cpu", "--json", "--top_k", "1", QUERY, "--snake_case x")
+    assert rc == 0, err
+    assert [r["text"] for r in json.loads(out)] == ["--snake_case x"]
+    rc, _, err = run(capsys, "--model", standin, "--top-k", "-1", QUERY, "p")
+    assert rc == 2
+    assert_one_line_error(err, "argument --top-k: must be at least 1, got -1")
+
+
 def test_rank_sigmoid(standin, model, capsys):
     rc, out, err = run(capsys, "--model", standin, "--device", "cpu", "--json", "--sigmoid", QUERY, *PASSAGES)
     assert rc == 0, err

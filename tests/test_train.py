@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minilm import CrossEncoder
-from minilm.data import DataError, read_ranking_pairs
+from minilm.data import DataError, fingerprint, read_pairs, read_ranking_pairs
 from minilm.evaluate import main as evaluate_main
 from minilm.metrics import rerank_metrics
 from reference.make_train_golden import weights_fingerprint  # the function the golden weights were fingerprinted with
@@ -348,7 +348,8 @@ def test_resume_refuses_changed_data_or_settings(run, standin_dir, tmp_path, tra
 
 
 @pytest.mark.parametrize("damage", ["truncated optimizer.pt", "no scaler.pt", "empty trainer_state.json",
-                                    "another step in trainer_state.json", "an empty interval in trainer_state.json"])
+                                    "another step in trainer_state.json", "an empty interval in trainer_state.json",
+                                    "a negative interval in trainer_state.json"])
 def test_resume_from_a_damaged_checkpoint_exits_2(run, standin_dir, tmp_path, train_inprocess, damage):
     ckpt = tmp_path / "checkpoint-28"
     shutil.copytree(run / "checkpoint-28", ckpt)
@@ -362,6 +363,9 @@ def test_resume_from_a_damaged_checkpoint_exits_2(run, standin_dir, tmp_path, tr
     elif damage.startswith("an empty"):
         state = json.loads((ckpt / "trainer_state.json").read_text())
         (ckpt / "trainer_state.json").write_text(json.dumps({**state, "interval": {}}))
+    elif damage.startswith("a negative"):  # its mean loss would divide by zero steps at the next log
+        state = json.loads((ckpt / "trainer_state.json").read_text())
+        (ckpt / "trainer_state.json").write_text(json.dumps({**state, "interval": {**state["interval"], "steps": -1}}))
     else:
         (ckpt / "trainer_state.json").write_text("{}")
     code, err = train_inprocess(*golden_args(standin_dir, tmp_path / "x", "--resume", ckpt))
@@ -413,11 +417,22 @@ def test_eval_qids_are_checked_before_training(tmp_path, train_inprocess, capsys
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_an_error_is_printed_outside_torchrun_whatever_local_rank_says(tmp_path, train_inprocess, monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "1")  # left in the environment by some launcher; RANK is not set
+    code, err = train_inprocess("--train", tmp_path / "missing.jsonl", "--output", tmp_path / "o")
+    assert code == 2 and "missing.jsonl: cannot open" in err, err
+
+
 def test_qids_1_and_text_1_are_one_query(tmp_path):
     (tmp_path / "e.jsonl").write_text('{"qid": 1, "query": "a", "passage": "p", "label": 1}\n'
                                       '{"qid": "1", "query": "a", "passage": "r", "label": 0}\n'
                                       '{"qid": "x", "query": "a", "passage": "s", "label": 0}\n')
     assert [p.qid for p in read_ranking_pairs(str(tmp_path / "e.jsonl"))] == ["1", "1", "x"]
+    with_qids = read_pairs(str(PAIRS), require_label=True)
+    assert fingerprint(with_qids, with_qids=True) != fingerprint(with_qids)
+    (tmp_path / "none.jsonl").write_text(GOOD * 2)  # data without qids fingerprints as it did before qids counted
+    no_qids = read_pairs(str(tmp_path / "none.jsonl"), require_label=True)
+    assert fingerprint(no_qids, with_qids=True) == fingerprint(no_qids)
     (tmp_path / "e.tsv").write_text("qid\tquery\tpassage\tlabel\n1\ta\tp\t1\n1\tb\tp\t0\n")
     with pytest.raises(DataError, match=r"e.tsv:3: qid \"1\" is the query 'b' here and 'a' at line 2"):
         read_ranking_pairs(str(tmp_path / "e.tsv"))
