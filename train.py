@@ -461,18 +461,18 @@ def json_line(entry) -> str:
 
 
 if cfg.resume:
-    ckpt, earlier = Path(cfg.resume), ""
+    ckpt, one_before = Path(cfg.resume), ""
     if cfg.resume == "latest":
         found = checkpoints(out)
         ckpt = found[-1] if found else die(f"--resume latest: no checkpoint-STEP folder in {out}")
         # checkpoints are renamed into place only when complete, so damage came from outside: never skipped silently
-        earlier = f"; the one before it: --resume {found[-2]}" if len(found) > 1 else ""
+        one_before = f"; the one before it: --resume {found[-2]}" if len(found) > 1 else ""
     saved = read_state(ckpt)
     missing = [f.name for f in (ckpt / "trainer_state.json", ckpt / "model.safetensors", ckpt / "optimizer.pt",
                                 ckpt / "scaler.pt", ckpt / f"rng_state_{rank}.pth") if not f.is_file()]
     if missing or "step" not in saved:
         die(f"--resume: {ckpt} is not a complete checkpoint of train.py ({', '.join(missing) or 'trainer_state.json'} "
-            f"missing or unreadable){earlier}", every_process=True)  # rng_state_{rank}.pth is each process's own
+            f"missing or unreadable){one_before}", every_process=True)  # rng_state_{rank}.pth is each process's own
     if isinstance(saved.get("model"), str):
         saved["model"] = model_id(saved["model"])  # checkpoints of earlier versions hold it as it was written
     # a key an earlier version did not save (log_every) does not stop its checkpoints from resuming
@@ -499,7 +499,7 @@ if cfg.resume:
         if named and int(named[1]) != state["step"]:
             raise ValueError(f"trainer_state.json says step {state['step']}, the folder's name step {named[1]}")
     except Exception as e:  # a truncated or foreign file: name it, do not train from a half-restored state
-        die(f"--resume: {ckpt} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}){earlier}",
+        die(f"--resume: {ckpt} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}){one_before}",
             every_process=True)
     tr_loss.fill_(pending["loss"] if master else 0.0)
     steps_done.fill_(state["step"])
