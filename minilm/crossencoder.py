@@ -161,12 +161,13 @@ class CrossEncoder:
         return BATCH_TOKENS.get(self.device.type, BATCH_TOKENS["cuda"])
 
     @torch.inference_mode()
-    def predict(self, pairs, batch_size: int = 32, activation=None, show_progress_bar: bool | None = None,
-                convert_to_tensor: bool = False, activation_fn=None):
+    def predict(self, pairs, batch_size: int = 32, show_progress_bar: bool | None = None, activation_fn=None, *,
+                activation=None, convert_to_tensor: bool = False):
         """Score (query, passage) pairs. Returns np.float32 of shape (N,); a single pair gives a scalar.
 
-        activation: None for the model's default (raw logits for the ms-marco family), or a callable / 'sigmoid' /
-        'identity' applied to this call only. `activation_fn` is accepted as an alias (sentence-transformers' name)."""
+        activation_fn (or `activation`): None for the model's default (raw logits for the ms-marco family), or a
+        callable / 'sigmoid' / 'identity', applied to this call only. The positional order is sentence-transformers':
+        `predict(pairs, 32, False, torch.nn.Sigmoid())` means what it means there."""
         single = isinstance(pairs, (list, tuple)) and len(pairs) == 2 and isinstance(pairs[0], str)
         pairs = [pairs] if single else list(pairs)
         for i, pair in enumerate(pairs):
@@ -225,17 +226,19 @@ class CrossEncoder:
         return out
 
     def rank(self, query: str, documents, top_k: int | None = None, return_documents: bool = False, batch_size: int = 32,
-             activation=None, show_progress_bar: bool | None = None) -> list:
+             show_progress_bar: bool | None = None, activation_fn=None, *, activation=None) -> list:
         """Score every document against `query`; [{"corpus_id", "score"[, "text"]}] highest first (see `ranked`).
 
-        top_k: the number of results, at least 1 (None: all). `documents` is a list (or iterable) of strings."""
+        top_k: the number of results, at least 1 (None: all). `documents` is a list (or iterable) of strings. The other
+        arguments are predict's, in sentence-transformers' order."""
         if isinstance(documents, str):  # iterating it would score one-character documents
             raise TypeError("documents must be a list of strings, got one string; pass [text] for a single document")
         if top_k is not None and top_k < 1:  # results[:-1] would silently drop the last one
             raise ValueError(f"top_k must be at least 1 (None: all documents), got {top_k}")
         documents = list(documents)
-        logits = self.predict([(query, d) for d in documents], batch_size, "identity", show_progress_bar, convert_to_tensor=True)
-        return ranked(self.activate(logits, activation), logits, documents, top_k, return_documents)
+        logits = self.predict([(query, d) for d in documents], batch_size, show_progress_bar, "identity", convert_to_tensor=True)
+        return ranked(self.activate(logits, activation if activation is not None else activation_fn), logits, documents,
+                      top_k, return_documents)
 
     def save_pretrained(self, path) -> None:
         """Write a folder that minilm, sentence-transformers (5.1 and newer) and transformers all load, file by file

@@ -25,6 +25,19 @@ from .checkpoint import CheckpointError, read_json
 NO_LIMIT = int(1e30)
 
 
+def normalize_as_configured(tokenizer: Tokenizer, tokenizer_config: dict) -> None:
+    """transformers' BertTokenizerFast rebuilds the BERT normalizer of tokenizer.json with tokenizer_config.json's
+    do_lower_case, strip_accents and tokenize_chinese_chars (defaults True, None, True) where they differ; so does
+    this, or one checkpoint would be tokenized two ways (a do_lower_case false there keeps "Café" as it is)."""
+    if not isinstance(tokenizer.normalizer, normalizers.BertNormalizer):
+        return
+    state = json.loads(tokenizer.normalizer.__getstate__())
+    wanted = {"lowercase": tokenizer_config.get("do_lower_case", True), "strip_accents": tokenizer_config.get("strip_accents"),
+              "handle_chinese_chars": tokenizer_config.get("tokenize_chinese_chars", True)}
+    if any(state.get(key, value) != value for key, value in wanted.items()):
+        tokenizer.normalizer = normalizers.BertNormalizer(clean_text=state.get("clean_text", True), **wanted)
+
+
 def build_from_vocab(vocab_file: Path, tokenizer_config: dict) -> Tokenizer:
     """A BERT WordPiece tokenizer from `vocab.txt` + `tokenizer_config.json`, as transformers' converter builds it."""
     vocab = {}
@@ -136,10 +149,14 @@ class PairTokenizer:
                 tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
             except Exception as e:  # the library raises a bare Exception that does not name the file
                 raise CheckpointError(f"{path / 'tokenizer.json'}: not a valid tokenizer file ({e})") from None
+            normalize_as_configured(tokenizer, config)
         elif (path / "vocab.txt").exists():
             tokenizer = build_from_vocab(path / "vocab.txt", config)
         else:
             raise FileNotFoundError(f"{path}: no tokenizer.json and no vocab.txt")
+        if config.get("truncation_side", "right") != "right":  # sentence-transformers would cut the query's start
+            raise CheckpointError(f"{config_file}: truncation_side {config['truncation_side']!r}: minilm truncates "
+                                  "texts at their end only")
         limit = config.get("model_max_length") or NO_LIMIT
         if isinstance(limit, bool) or not isinstance(limit, (int, float)):
             raise CheckpointError(f"{config_file}: model_max_length must be a number, got {json.dumps(limit)}")

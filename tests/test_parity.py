@@ -4,6 +4,7 @@ Token ids must be identical; logits and rank scores agree to 1e-5 (in practice ~
 rank orders must be identical. The stand-in's logits are small (|x| < 0.05) but differ between pairs by ~1e-2, so a
 1e-5 tolerance still catches any real error in the tokenizer, the forward pass or the batching."""
 
+import json
 import math
 import sys
 import warnings
@@ -11,9 +12,10 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from tokenizers import Tokenizer
+from tokenizers import Tokenizer, normalizers
 
 from minilm import CrossEncoder
+from minilm.checkpoint import CheckpointError
 from minilm.tokenizer import PairTokenizer, longest_first
 
 TOL = 1e-5
@@ -90,6 +92,43 @@ def test_truncation_matches_the_tokenizers_library(standin_dir, raw_tokenizer, g
         raw_tokenizer.no_truncation()
     assert [e.ids for e in ours] == expected
     assert sum(len(ids) == max_length for ids in expected) >= 10  # truncation was actually exercised
+
+
+@pytest.mark.parametrize("setting", [{"strip_accents": False}, {"do_lower_case": False}, {"tokenize_chinese_chars": False},
+                                     {"do_lower_case": True}])
+def test_tokenizer_config_overrides_the_normalizer_as_transformers_does(standin_dir, tmp_path, setting):
+    """transformers' BertTokenizerFast rebuilds tokenizer.json's BERT normalizer from tokenizer_config.json's
+    do_lower_case / strip_accents / tokenize_chinese_chars (defaults True, None, True). Checked once against
+    sentence-transformers 5.1 on such copies of the stand-in: the same scores to 1e-6 (docs/parity.md)."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for f in standin_dir.iterdir():
+        (folder / f.name).symlink_to(f)
+    config = json.loads((standin_dir / "tokenizer_config.json").read_text())
+    (folder / "tokenizer_config.json").unlink()
+    (folder / "tokenizer_config.json").write_text(json.dumps({**config, **setting}))
+    rule = {"lowercase": True, "strip_accents": None, "handle_chinese_chars": True}
+    names = {"do_lower_case": "lowercase", "strip_accents": "strip_accents", "tokenize_chinese_chars": "handle_chinese_chars"}
+    expected = Tokenizer.from_file(str(standin_dir / "tokenizer.json"))
+    expected.no_padding()
+    expected.normalizer = normalizers.BertNormalizer(clean_text=True, **{**rule, **{names[k]: v for k, v in setting.items()}})
+    pairs = [("Who lives in Berlin?", "Café naïve, Тёмная ночь"), ("ÉCOLE Ёлка", "Straße ÄÖÜ 北京市")]
+    ours = PairTokenizer.from_dir(folder, 64, 512).encode(pairs)
+    assert [e.ids for e in ours] == [e.ids for e in expected.encode_batch(pairs)]
+    changed = setting != {"do_lower_case": True}  # the stand-in's own setting: nothing to change
+    plain = PairTokenizer.from_dir(standin_dir, 64, 512).encode(pairs)
+    assert ([e.ids for e in ours] != [e.ids for e in plain]) == changed
+
+
+def test_left_truncation_is_refused(standin_dir, tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for f in standin_dir.iterdir():
+        (folder / f.name).symlink_to(f)
+    (folder / "tokenizer_config.json").unlink()
+    (folder / "tokenizer_config.json").write_text(json.dumps({"truncation_side": "left"}))
+    with pytest.raises(CheckpointError, match="truncation_side 'left': minilm truncates texts at their end only"):
+        PairTokenizer.from_dir(folder, 64, 512)
 
 
 def long_texts(golden_pairs) -> dict:
@@ -225,6 +264,22 @@ def test_activation_applies_to_one_call_only(standin_model, golden, golden_pairs
     assert max_diff(standin_model.predict(pairs, activation=torch.tanh), np.tanh(gold)) <= TOL
     assert max_diff(standin_model.predict(pairs), gold) <= TOL
     assert standin_model.activation == "torch.nn.modules.linear.Identity"
+
+
+def test_positional_arguments_mean_what_they_mean_in_sentence_transformers(standin_model, golden, golden_pairs,
+                                                                           tiny_indices):
+    """predict(pairs, batch_size, show_progress_bar, activation_fn) and rank(query, documents, top_k,
+    return_documents, batch_size, show_progress_bar, activation_fn): code written for sentence-transformers passes its
+    arguments in that order, and an activation taken for something else would give raw logits without a word."""
+    pairs = [golden_pairs[i] for i in tiny_indices]
+    sigmoid = 1.0 / (1.0 + np.exp(-np.asarray([golden["logits"]["512"]["32"][i] for i in tiny_indices])))
+    assert max_diff(standin_model.predict(pairs, 32, False, torch.nn.Sigmoid()), sigmoid) <= TOL / 4
+    query, documents = pairs[0][0], [p for _, p in pairs[:4]]
+    plain = standin_model.rank(query, documents)
+    for results in (standin_model.rank(query, documents, None, False, 32, False, torch.nn.Sigmoid()),
+                    standin_model.rank(query, documents, activation_fn="sigmoid")):
+        assert [r["corpus_id"] for r in results] == [r["corpus_id"] for r in plain]
+        assert [r["score"] for r in results] == pytest.approx([1 / (1 + math.exp(-r["score"])) for r in plain], abs=1e-6)
 
 
 def test_convert_to_tensor(standin_model, golden, golden_pairs, tiny_indices):
