@@ -1,10 +1,12 @@
 """`CrossEncoder`: load a checkpoint, score (query, passage) pairs, rank passages, save.
 
-Shaped like `sentence_transformers.CrossEncoder` (5.1.0) so code moves over unchanged:
-`CrossEncoder.from_pretrained(name).predict(pairs)` / `.rank(query, docs)` / `.save_pretrained(dir)`.
+Shaped like `sentence_transformers.CrossEncoder` (5.1.0) so that its usual code moves over: `CrossEncoder(name)` (or
+`CrossEncoder.from_pretrained(name)`), `.predict(pairs)` / `.rank(query, docs)` / `.save_pretrained(dir)`, their
+arguments in its order (what differs: docs/parity.md).
 """
 
 import importlib
+import os
 import shutil
 import warnings
 from dataclasses import asdict
@@ -108,8 +110,18 @@ def ranked(scores, logits, documents: list, top_k: int | None = None, return_doc
 class CrossEncoder:
     """A MiniLM/BERT cross-encoder with its tokenizer: `predict` scores pairs, `rank` orders passages for a query."""
 
-    def __init__(self, model: CrossEncoderModel, tokenizer: PairTokenizer, hf_config: dict, source_dir: Path | None = None,
-                 precision: str = "fp32"):
+    def __init__(self, model: "CrossEncoderModel | str | os.PathLike", tokenizer: PairTokenizer | None = None,
+                 hf_config: dict | None = None, source_dir: Path | None = None, precision: str = "fp32", **load):
+        """`CrossEncoder(name_or_path, device=..., max_length=..., revision=..., dtype=...)` loads a checkpoint, as
+        sentence-transformers' CrossEncoder does (the same as `from_pretrained`); given a model, its tokenizer and its
+        config.json, it wraps them."""
+        if isinstance(model, (str, os.PathLike)):
+            loaded = type(self).from_pretrained(model, **load)
+            model, tokenizer, hf_config, source_dir, precision = (loaded.model, loaded.tokenizer, loaded.hf_config,
+                                                                  loaded.source_dir, loaded.precision)
+        elif load or tokenizer is None or hf_config is None:
+            raise TypeError("CrossEncoder(model, tokenizer, hf_config) wraps a built model; to load one, pass its name "
+                            "or folder first")
         self.model = model
         self.tokenizer = tokenizer
         self.hf_config = hf_config

@@ -282,6 +282,15 @@ def test_positional_arguments_mean_what_they_mean_in_sentence_transformers(stand
         assert [r["score"] for r in results] == pytest.approx([1 / (1 + math.exp(-r["score"])) for r in plain], abs=1e-6)
 
 
+def test_constructed_by_name_as_in_sentence_transformers(standin_dir, standin_model, golden_pairs, tiny_indices):
+    pairs = [golden_pairs[i] for i in tiny_indices]
+    model = CrossEncoder(str(standin_dir), device="cpu", max_length=64)
+    assert model.max_length == 64 and model.source_dir == standin_dir
+    assert max_diff(model.predict(pairs), standin_model.predict(pairs)) <= TOL
+    with pytest.raises(TypeError, match="wraps a built model; to load one, pass its name or folder first"):
+        CrossEncoder(standin_model.model)
+
+
 def test_convert_to_tensor(standin_model, golden, golden_pairs, tiny_indices):
     pairs = [golden_pairs[i] for i in tiny_indices]
     gold = [golden["logits"]["512"]["32"][i] for i in tiny_indices]
