@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
 from .checkpoint import CheckpointError, read_json
 
@@ -59,6 +59,9 @@ def build_from_vocab(vocab_file: Path, tokenizer_config: dict) -> Tokenizer:
         lowercase=tokenizer_config.get("do_lower_case", True),
     )
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    # as in the tokenizer.json transformers writes: a special token written in a text is that token ("[SEP]" is 102)
+    specials = [tokenizer_config.get(f"{name}_token", f"[{name.upper()}]") for name in ("pad", "unk", "cls", "sep", "mask")]
+    tok.add_special_tokens([AddedToken(t, normalized=False) for t in specials if t in vocab])
     tok.post_processor = processors.TemplateProcessing(
         single=f"{cls}:0 $A:0 {sep}:0",
         pair=f"{cls}:0 $A:0 {sep}:0 $B:1 {sep}:1",

@@ -168,6 +168,10 @@ def test_vocab_txt_without_tokenizer_json(standin_dir, golden, golden_pairs, tmp
         wrong = [n for n, e, ids in zip(golden["names"], encodings, golden["input_ids"][key]) if e.ids != ids]
         assert not wrong, f"vocab.txt tokenizer differs from tokenizer.json (max_length {key}) on {wrong}"
         assert [e.type_ids.count(0) for e in encodings] == golden["segment_a_length"][key]
+    specials = [("what is [SEP]?", "a [MASK] b [CLS]x [UNK] [PAD]"), ("[sep] in lower case", "[ SEP ]")]
+    with_json = CrossEncoder.from_pretrained(standin_dir, device="cpu").tokenizer.encode(specials)
+    assert [e.ids for e in model.tokenizer.encode(specials)] == [e.ids for e in with_json]
+    assert 102 in with_json[0].ids[1:-1] and 103 in with_json[0].ids  # written in the text: the special tokens
 
 
 def test_save_into_a_reused_folder_writes_what_the_model_uses(standin_dir, golden_pairs, tmp_path):
