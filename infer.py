@@ -26,7 +26,6 @@ import itertools
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import stat
@@ -40,7 +39,6 @@ from minilm.cli import ArgumentParser, whole_number
 DEFAULT_MODEL = "cross-encoder/ms-marco-MiniLM-L6-v2"
 DTYPE_CHOICES = ("fp32", "bf16", "fp16", "int8")
 FORMAT_CHOICES = ("jsonl", "tsv", "csv")
-JSON_SPACE = re.compile(r"[ \t\r\n]*")
 CHUNK_ROWS = 1024  # rows read, scored and written at a time in file mode (also how often the progress bar moves)
 # Tokenize the next chunk in a worker thread while this one is scored (see `tokenized`). Off: measured, it gained
 # nothing on a CPU (tokenizing is under 1% of the time there) and lost on an H100 (0.82x the pairs/s of tokenizing
@@ -380,21 +378,6 @@ def chunked(items, size: int):
         yield chunk
 
 
-def json_value_span(source: str, key: str) -> tuple[int, int]:
-    """Where, in a JSON object's text, the value of its top-level member `key` is (it has one, and only one)."""
-    def skip(i):  # JSON's whitespace
-        return JSON_SPACE.match(source, i).end()
-
-    i = skip(1)  # at a member's name
-    while True:
-        name, i = json.decoder.scanstring(source, i + 1)  # escapes decoded: "sc\u006fre" is score
-        start = skip(skip(i) + 1)  # past the colon
-        end = json.JSONDecoder().raw_decode(source, start)[1]
-        if name == key:
-            return start, end
-        i = skip(skip(end) + 1)  # past the comma
-
-
 class RowWriter:
     """Writes rows in `fmt` with a `score` field added (or replaced): JSONL objects (the row's own text with the score
     added before its closing brace, or in place of the value of a score it already has, so its numbers, escapes and
@@ -419,7 +402,9 @@ class RowWriter:
     def write(self, row: dict, score: float, source: str | None) -> None:
         """source: a JSONL row's text (data.Pair.source), a non-empty object "{...}"."""
         if self.fmt == "jsonl":
-            if "score" in row:
+            if "score" in row:  # a file scored before: the new score takes the old one's place
+                from minilm.data import json_value_span
+
                 start, end = json_value_span(source, "score")
                 self.out.write(source[:start] + repr(score) + source[end:] + "\n")
             else:

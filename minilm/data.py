@@ -94,6 +94,7 @@ def text_lines(path: str):
 
 
 JSON_WHITESPACE = " \t\r\n"
+JSON_SPACE = re.compile(f"[{JSON_WHITESPACE}]*")
 
 
 def read_rows(path: str, fmt: str):
@@ -106,7 +107,7 @@ def read_rows(path: str, fmt: str):
             if not line.strip():
                 continue
             try:
-                row = json.loads(line, parse_constant=not_json, parse_float=finite_float, parse_int=whole_number,
+                row = json.loads(line, parse_constant=not_json, parse_float=finite_float, parse_int=json_int,
                                  object_pairs_hook=unique_keys)
             except json.JSONDecodeError as e:
                 raise DataError(f"{name}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
@@ -157,6 +158,21 @@ def check_header(header: list, name: str, n: int, fmt: str) -> None:
                     f"and 'sentence_1'); it has {has}{hint}")
 
 
+def json_value_span(source: str, key: str) -> tuple[int, int]:
+    """Where, in a JSON object's text, the value of its top-level member `key` is (it has one, and only one)."""
+    def skip(i):  # JSON's whitespace
+        return JSON_SPACE.match(source, i).end()
+
+    i = skip(1)  # at a member's name
+    while True:
+        name, i = json.decoder.scanstring(source, i + 1)  # escapes decoded: "sc\u006fre" is score
+        start = skip(skip(i) + 1)  # past the colon
+        end = json.JSONDecoder().raw_decode(source, start)[1]
+        if name == key:
+            return start, end
+        i = skip(skip(end) + 1)  # past the comma
+
+
 def not_json(constant: str):
     raise ValueError(f"{constant} is not JSON (Python writes it for a non-finite float; JSON has no such number)")
 
@@ -183,7 +199,7 @@ def finite_float(text: str) -> float:
     return value
 
 
-def whole_number(text: str) -> int:
+def json_int(text: str) -> int:
     if len(text) > INT_DIGITS:  # Python's own limit, whose message would advise calling sys.set_int_max_str_digits()
         raise ValueError(f"the number {text[:12]}... has {len(text):,} digits; at most {INT_DIGITS:,} are read")
     return int(text)

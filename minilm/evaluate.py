@@ -39,16 +39,20 @@ def main(argv=None):
     parser.add_argument("--max-length", type=whole_number(5), default=None, help="tokens per pair (default: the checkpoint's, 512)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
     args = parser.parse_args(argv)
+
+    def fail(message):  # like argparse's own errors, without the pointer to --help: the arguments were fine
+        parser.exit(2, f"{parser.prog}: error: {message}\n")
+
     try:
         pairs = read_ranking_pairs(args.data)
     except DataError as e:
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
+        fail(e)
     if not has_relevant(p.label for p in pairs):
-        parser.exit(2, f"{parser.prog}: error: {args.data}: no query has a relevant passage (label >= {RELEVANT}): nothing to rank\n")
+        fail(f"{args.data}: no query has a relevant passage (label >= {RELEVANT}): nothing to rank")
     try:
         ce = CrossEncoder.from_pretrained(args.model, device=args.device, max_length=args.max_length)
     except (CheckpointError, ValueError, OSError) as e:
-        parser.exit(2, f"{parser.prog}: error: {e}\n")
+        fail(e)
     m = evaluate(ce, pairs, args.batch_size)
     print(f"{format_metrics(m)} ({len(pairs)} pairs)")
 

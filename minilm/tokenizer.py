@@ -25,15 +25,21 @@ from .checkpoint import CheckpointError, read_json
 NO_LIMIT = int(1e30)
 
 
+def normalizer_settings(tokenizer_config: dict) -> dict:
+    """BertNormalizer's settings from tokenizer_config.json's do_lower_case, strip_accents and tokenize_chinese_chars
+    (defaults True, None, True), as transformers' BertTokenizerFast takes them."""
+    return {"lowercase": tokenizer_config.get("do_lower_case", True), "strip_accents": tokenizer_config.get("strip_accents"),
+            "handle_chinese_chars": tokenizer_config.get("tokenize_chinese_chars", True)}
+
+
 def normalize_as_configured(tokenizer: Tokenizer, tokenizer_config: dict) -> None:
     """transformers' BertTokenizerFast rebuilds the BERT normalizer of tokenizer.json with tokenizer_config.json's
-    do_lower_case, strip_accents and tokenize_chinese_chars (defaults True, None, True) where they differ; so does
-    this, or one checkpoint would be tokenized two ways (a do_lower_case false there keeps "Café" as it is)."""
+    settings where they differ; so does this, or one checkpoint would be tokenized two ways (a do_lower_case false
+    there keeps "Café" as it is)."""
     if not isinstance(tokenizer.normalizer, normalizers.BertNormalizer):
         return
     state = json.loads(tokenizer.normalizer.__getstate__())
-    wanted = {"lowercase": tokenizer_config.get("do_lower_case", True), "strip_accents": tokenizer_config.get("strip_accents"),
-              "handle_chinese_chars": tokenizer_config.get("tokenize_chinese_chars", True)}
+    wanted = normalizer_settings(tokenizer_config)
     if any(state.get(key, value) != value for key, value in wanted.items()):
         tokenizer.normalizer = normalizers.BertNormalizer(clean_text=state.get("clean_text", True), **wanted)
 
@@ -52,12 +58,7 @@ def build_from_vocab(vocab_file: Path, tokenizer_config: dict) -> Tokenizer:
         if token not in vocab:
             raise ValueError(f"{vocab_file}: special token {token!r} is not in the vocabulary")
     tok = Tokenizer(models.WordPiece(vocab, unk_token=unk, max_input_chars_per_word=100))
-    tok.normalizer = normalizers.BertNormalizer(
-        clean_text=True,
-        handle_chinese_chars=tokenizer_config.get("tokenize_chinese_chars", True),
-        strip_accents=tokenizer_config.get("strip_accents"),
-        lowercase=tokenizer_config.get("do_lower_case", True),
-    )
+    tok.normalizer = normalizers.BertNormalizer(clean_text=True, **normalizer_settings(tokenizer_config))
     tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     # as in the tokenizer.json transformers writes: a special token written in a text is that token ("[SEP]" is 102)
     specials = [tokenizer_config.get(f"{name}_token", f"[{name.upper()}]") for name in ("pad", "unk", "cls", "sep", "mask")]
