@@ -35,8 +35,9 @@ class CheckpointError(Exception):
     """A checkpoint that cannot be found or does not fit the model; the message says which file or tensor."""
 
 
-def resolve(name_or_path: str, revision: str | None = None) -> Path:
-    """The local folder holding checkpoint `name_or_path`, downloading it from the Hub when needed.
+def resolve(name_or_path: str, revision: str | None = None, **hub) -> Path:
+    """The local folder holding checkpoint `name_or_path`, downloading it from the Hub when needed (`hub`: cache_dir,
+    local_files_only and token, passed to huggingface_hub).
 
     An existing directory is used as it is. A name is looked for under weights/ exactly as written (`NAME` in
     weights/NAME, a Hub id `org/NAME` in weights/org/NAME) unless a revision is asked for, then on the Hub. A path
@@ -55,7 +56,7 @@ def resolve(name_or_path: str, revision: str | None = None) -> Path:
         for weights in WEIGHTS_DIRS:
             if (weights / name_or_path).is_dir():
                 return _check_dir(weights / name_or_path)
-    return _from_hub(name_or_path, revision)
+    return _from_hub(name_or_path, revision, **hub)
 
 
 def _check_dir(path: Path) -> Path:
@@ -67,18 +68,19 @@ def _check_dir(path: Path) -> Path:
     return path
 
 
-def _from_hub(repo_id: str, revision: str | None) -> Path:
+def _from_hub(repo_id: str, revision: str | None, cache_dir=None, local_files_only: bool = False, token=None) -> Path:
     from huggingface_hub import constants, hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
 
     offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
     # huggingface_hub retries a host it cannot reach for ~25 s before using its cache or giving up; a quick probe
     # sends it straight to the cache instead
-    unreachable = not offline and not reachable(constants.ENDPOINT)
+    unreachable = not offline and not local_files_only and not reachable(constants.ENDPOINT)
 
     def fetch(filename):
         try:
-            return Path(hf_hub_download(repo_id, filename, revision=revision, local_files_only=unreachable))
+            return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir, token=token,
+                                        local_files_only=local_files_only or unreachable))
         except EntryNotFoundError:  # also the "not in the local cache and the Hub is unreachable" case
             return None
 
@@ -93,10 +95,11 @@ def _from_hub(repo_id: str, revision: str | None) -> Path:
     except (RepositoryNotFoundError, RevisionNotFoundError) as e:
         raise CheckpointError(f"{repo_id}: {type(e).__name__} on the Hugging Face Hub (revision {revision or 'main'}). {how_to}") from None
     if config is None:
-        why = "HF_HUB_OFFLINE is set" if offline else f"the Hugging Face Hub ({constants.ENDPOINT}) could not be reached"
+        why = ("HF_HUB_OFFLINE is set" if offline else "local_files_only=True" if local_files_only else
+               f"the Hugging Face Hub ({constants.ENDPOINT}) could not be reached")
         raise CheckpointError(
             f"model {repo_id!r} (revision {revision or 'main'}) is not a local directory, not under weights/, and not in "
-            f"the Hugging Face cache; {why}. {how_to}"
+            f"the Hugging Face cache ({cache_dir or constants.HF_HUB_CACHE}); {why}. {how_to}"
         )
     if fetch("model.safetensors") is None and fetch("pytorch_model.bin") is None:
         raise CheckpointError(f"{repo_id}: neither model.safetensors nor pytorch_model.bin could be fetched")

@@ -82,6 +82,25 @@ def activation_module(activation) -> torch.nn.Module | None:
     return None if isinstance(fn, torch.nn.Identity) else fn
 
 
+def activation_path(activation) -> str:
+    """The dotted path config.json stores for `activation` (a path, 'sigmoid'/'identity', or a torch.nn module);
+    ValueError for a callable that sentence-transformers could not build back from a path (a function, a lambda)."""
+    if isinstance(activation, str):
+        return {"sigmoid": SIGMOID, "identity": IDENTITY}.get(activation.lower(), activation)
+    path = f"{type(activation).__module__}.{type(activation).__qualname__}"
+    if not isinstance(activation, torch.nn.Module) or not path.startswith("torch.nn.modules."):
+        raise ValueError(f"activation_fn {activation!r} cannot be saved in config.json: only a torch.nn module "
+                         f"(torch.nn.Sigmoid(), torch.nn.Identity(), ...) or its path can")
+    activation_from_path(path)  # one built without arguments, as it will be when loaded
+    return path
+
+
+def refuse_softmax(apply_softmax: bool) -> None:
+    if apply_softmax:  # ST 5.1 would return 1.0 for every pair
+        raise ValueError("apply_softmax normalises over a model's labels, and this model has one logit: every score "
+                         "would be 1.0; for probabilities use activation_fn='sigmoid'")
+
+
 def usable_device(device) -> torch.device:
     """`device` as a torch.device that can hold this model here, else ValueError saying why (before the slow part)."""
     try:
@@ -111,37 +130,53 @@ class CrossEncoder:
     """A MiniLM/BERT cross-encoder with its tokenizer: `predict` scores pairs, `rank` orders passages for a query."""
 
     def __init__(self, model: "CrossEncoderModel | str | os.PathLike", tokenizer: PairTokenizer | None = None,
-                 hf_config: dict | None = None, source_dir: Path | None = None, precision: str = "fp32", **load):
+                 hf_config: dict | None = None, source_dir: Path | None = None, precision: str = "fp32",
+                 activation_fn=None, **load):
         """`CrossEncoder(name_or_path, device=..., max_length=..., revision=..., dtype=...)` loads a checkpoint, as
-        sentence-transformers' CrossEncoder does (the same as `from_pretrained`); given a model, its tokenizer and its
-        config.json, it wraps them."""
+        sentence-transformers' CrossEncoder does (the same as `from_pretrained`, which lists the options); given a
+        model, its tokenizer and its config.json, it wraps them."""
         if isinstance(model, (str, os.PathLike)):
-            loaded = type(self).from_pretrained(model, **load)
-            model, tokenizer, hf_config, source_dir, precision = (loaded.model, loaded.tokenizer, loaded.hf_config,
-                                                                  loaded.source_dir, loaded.precision)
-        elif load or tokenizer is None or hf_config is None:
+            wrapped = {"tokenizer": tokenizer, "hf_config": hf_config, "source_dir": source_dir}
+            given = [f"{name}={value!r}" for name, value in {**wrapped, "precision": precision}.items()
+                     if value is not None and (name, value) != ("precision", "fp32")]
+            if given:  # CrossEncoder(name, 1, 512) is sentence-transformers' num_labels, max_length: never ignore it
+                raise TypeError(f"CrossEncoder({str(model)!r}, ...) loads a checkpoint and takes its options by keyword "
+                                f"(device=, max_length=, dtype=, ...: see CrossEncoder.from_pretrained), got {', '.join(given)[:200]}")
+            vars(self).update(vars(type(self).from_pretrained(model, activation_fn=activation_fn, **load)))
+            return
+        if tokenizer is None or hf_config is None or load:
             raise TypeError("CrossEncoder(model, tokenizer, hf_config) wraps a built model; to load one, pass its name "
                             "or folder first")
         self.model = model
         self.tokenizer = tokenizer
         self.hf_config = hf_config
         self.source_dir = source_dir  # tokenizer files are copied from here by save_pretrained
-        self.activation = default_activation(hf_config)
+        # the default activation of predict and rank, saved by save_pretrained
+        self.activation = default_activation(hf_config) if activation_fn is None else activation_fn
         self.precision = precision  # "fp32", or what minilm.precision converted the model to: "bf16", "fp16", "int8"
 
     @classmethod
     def from_pretrained(cls, name_or_path, *, revision=None, device=None, dtype=None, max_length=None,
-                        packed: bool = True) -> "CrossEncoder":
+                        packed: bool = True, activation_fn=None, num_labels=None, cache_folder=None,
+                        local_files_only: bool = False, token=None, trust_remote_code: bool = False) -> "CrossEncoder":
         """Load a local directory, a name under weights/, or a Hugging Face Hub id (see `minilm.checkpoint`).
 
         device: default cuda when available, cpu for int8. dtype: fp32 (default, exact), "bf16", "fp16", "int8" (see
-        minilm.precision; `packed=False`: plain Linears for CPU bf16). max_length: tokens per pair (default 512)."""
+        minilm.precision; `packed=False`: plain Linears for CPU bf16). max_length: tokens per pair (default: the
+        checkpoint's, at most 512). activation_fn: the default activation of predict and rank (default: the
+        checkpoint's, see `default_activation`). As in sentence-transformers: revision, cache_folder (the Hub cache),
+        local_files_only, token (for private Hub models), num_labels (1 or None: the head has one logit), and
+        trust_remote_code (accepted; minilm never runs code from a checkpoint)."""
+        if num_labels not in (None, 1):
+            raise ValueError(f"num_labels={num_labels!r}: minilm's cross-encoder has a 1-logit head")
+        if activation_fn is not None:
+            activation_module(activation_fn)  # ValueError now for an unknown name, not at the first predict
         precision = precisions.parse(dtype)
         if device is None:
             device = "cuda" if torch.cuda.is_available() and precision != "int8" else "cpu"  # int8 runs on CPUs only
         device = usable_device(device)
         precisions.check(precision, device)  # before the slow part
-        folder = resolve(str(name_or_path), revision)
+        folder = resolve(str(name_or_path), revision, cache_dir=cache_folder, local_files_only=local_files_only, token=token)
         hf_config = read_json(folder / "config.json")
         config = Config.from_hf(hf_config, source=str(folder / "config.json"))
         with skip_init():
@@ -149,7 +184,7 @@ class CrossEncoder:
         load_weights(model, read_state_dict(folder), folder)
         model = precisions.convert(model.to(device).eval(), precision, packed)
         tokenizer = PairTokenizer.from_dir(folder, max_length, config.max_position_embeddings)
-        return cls(model, tokenizer, hf_config, folder, precision)
+        return cls(model, tokenizer, hf_config, folder, precision, activation_fn=activation_fn)
 
     def to(self, device) -> "CrossEncoder":
         """Move the model to `device`, as nn.Module.to does (a converted model's weights are made for its device)."""
@@ -173,13 +208,16 @@ class CrossEncoder:
         return BATCH_TOKENS.get(self.device.type, BATCH_TOKENS["cuda"])
 
     @torch.inference_mode()
-    def predict(self, pairs, batch_size: int = 32, show_progress_bar: bool | None = None, activation_fn=None, *,
-                activation=None, convert_to_tensor: bool = False):
+    def predict(self, pairs, batch_size: int = 32, show_progress_bar: bool | None = None, activation_fn=None,
+                apply_softmax: bool = False, convert_to_numpy: bool = True, convert_to_tensor: bool = False, *,
+                activation=None):
         """Score (query, passage) pairs. Returns np.float32 of shape (N,); a single pair gives a scalar.
 
         activation_fn (or `activation`): None for the model's default (raw logits for the ms-marco family), or a
-        callable / 'sigmoid' / 'identity', applied to this call only. The positional order is sentence-transformers':
-        `predict(pairs, 32, False, torch.nn.Sigmoid())` means what it means there."""
+        callable / 'sigmoid' / 'identity', applied to this call only. convert_to_tensor: a CPU torch.Tensor instead;
+        convert_to_numpy=False (without it): a list of 0-d tensors. The arguments are sentence-transformers', in its
+        order: `predict(pairs, 32, False, torch.nn.Sigmoid())` means what it means there."""
+        refuse_softmax(apply_softmax)
         single = isinstance(pairs, (list, tuple)) and len(pairs) == 2 and isinstance(pairs[0], str)
         pairs = [pairs] if single else list(pairs)
         for i, pair in enumerate(pairs):
@@ -188,7 +226,7 @@ class CrossEncoder:
         scores = self.activate(self.score_logits(pairs, batch_size, show_progress_bar),
                                activation if activation is not None else activation_fn)
         if not convert_to_tensor:
-            scores = scores.numpy()
+            scores = scores.numpy() if convert_to_numpy else list(scores)
         return scores[0] if single else scores
 
     def activate(self, logits: torch.Tensor, activation=None) -> torch.Tensor:
@@ -238,11 +276,14 @@ class CrossEncoder:
         return out
 
     def rank(self, query: str, documents, top_k: int | None = None, return_documents: bool = False, batch_size: int = 32,
-             show_progress_bar: bool | None = None, activation_fn=None, *, activation=None) -> list:
+             show_progress_bar: bool | None = None, activation_fn=None, apply_softmax: bool = False,
+             convert_to_numpy: bool = True, convert_to_tensor: bool = False, *, activation=None) -> list:
         """Score every document against `query`; [{"corpus_id", "score"[, "text"]}] highest first (see `ranked`).
 
         top_k: the number of results, at least 1 (None: all). `documents` is a list (or iterable) of strings. The other
-        arguments are predict's, in sentence-transformers' order."""
+        arguments are predict's, in sentence-transformers' order (as there, the scores are floats whatever
+        convert_to_numpy and convert_to_tensor say)."""
+        refuse_softmax(apply_softmax)
         if isinstance(documents, str):  # iterating it would score one-character documents
             raise TypeError("documents must be a list of strings, got one string; pass [text] for a single document")
         if top_k is not None and top_k < 1:  # results[:-1] would silently drop the last one
@@ -252,11 +293,16 @@ class CrossEncoder:
         return ranked(self.activate(logits, activation if activation is not None else activation_fn), logits, documents,
                       top_k, return_documents)
 
+    def save(self, path) -> None:
+        """`save_pretrained`, under sentence-transformers' other name for it."""
+        self.save_pretrained(path)
+
     def save_pretrained(self, path) -> None:
         """Write a folder that minilm, sentence-transformers (5.1 and newer) and transformers all load, file by file
         atomically. The activation goes into config.json["sentence_transformers"], which every ST version reads."""
         if self.precision != "fp32":
             raise ValueError(f"a model converted to {self.precision} cannot be saved; save the fp32 model (load it without dtype)")
+        model_config = self.export_config()  # first: an activation that cannot be saved writes nothing
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         source = self.source_dir
@@ -279,7 +325,7 @@ class CrossEncoder:
             else:
                 (path / name).unlink(missing_ok=True)
         save_weights(path / "model.safetensors", self.model)
-        write_json(path / "config.json", self.export_config())
+        write_json(path / "config.json", model_config)
 
     def export_config(self) -> dict:
         config = {k: v for k, v in self.hf_config.items() if k not in ("sbert_ce_default_activation_function", "torch_dtype")}
@@ -291,6 +337,6 @@ class CrossEncoder:
             label2id={"LABEL_0": 0},
             position_embedding_type="absolute",
             dtype="float32",
-            sentence_transformers={"activation_fn": self.activation, "version": "5.1.0"},
+            sentence_transformers={"activation_fn": activation_path(self.activation), "version": "5.1.0"},
         )
         return dict(sorted(config.items()))

@@ -296,6 +296,34 @@ def test_default_activation(standin_dir, standin_config, tiny, tmp_path, new_key
     assert CrossEncoder.from_pretrained(tmp_path / "resaved", device="cpu").activation == expected
 
 
+
+@pytest.mark.parametrize("given", [torch.nn.Sigmoid(), "sigmoid", SIGMOID])
+def test_activation_fn_given_at_load_is_the_default_and_is_saved(standin_dir, tiny, tmp_path, given):
+    """CrossEncoder(name, activation_fn=...), as in sentence-transformers: the default of predict and rank, and what
+    save (sentence-transformers' name for save_pretrained) writes into config.json."""
+    model = CrossEncoder(standin_dir, device="cpu", activation_fn=given)
+    pairs, gold = tiny
+    sigmoid = 1 / (1 + np.exp(-gold))
+    assert max_diff(model.predict(pairs), sigmoid) <= TOL / 4
+    assert max_diff(model.predict(pairs, activation_fn="identity"), gold) <= TOL  # this call only
+    query, documents = pairs[0][0], [p for _, p in pairs]
+    logits = model.predict([(query, d) for d in documents], activation_fn="identity")
+    assert [r["score"] for r in model.rank(query, documents)] == pytest.approx(sorted(1 / (1 + np.exp(-logits)), reverse=True), abs=1e-6)
+    model.save(tmp_path / "saved")
+    assert json.loads((tmp_path / "saved" / "config.json").read_text())["sentence_transformers"]["activation_fn"] == SIGMOID
+    assert max_diff(CrossEncoder(tmp_path / "saved", device="cpu").predict(pairs), sigmoid) <= TOL / 4
+
+
+def test_an_activation_function_that_config_json_cannot_name_scores_but_is_not_saved(standin_dir, tiny, tmp_path):
+    model = CrossEncoder(standin_dir, device="cpu", activation_fn=torch.sigmoid)
+    pairs, gold = tiny
+    assert max_diff(model.predict(pairs), 1 / (1 + np.exp(-gold))) <= TOL / 4
+    with pytest.raises(ValueError, match="cannot be saved in config.json: only a torch.nn module"):
+        model.save_pretrained(tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()  # refused before anything was written
+    with pytest.raises(ValueError, match="'tanh' is not a module class of torch.nn"):  # at load, not at the first predict
+        CrossEncoder(standin_dir, device="cpu", activation_fn="tanh")
+
 def test_softmax_activation_is_per_pair(standin_dir, standin_config, tiny, tmp_path):
     """A Softmax from config.json sees each pair's one logit (sentence-transformers applies the activation to (N, 1)
     rows), so every score is 1.0 whatever the other pairs of the call, not a distribution over the call's pairs."""

@@ -148,6 +148,33 @@ def test_name_under_weights(hub_cache, standin_dir, short, tmp_path, monkeypatch
             CrossEncoder.from_pretrained(name, device="cpu")
 
 
+
+def test_sentence_transformers_hub_options(hub_cache, standin_dir, short, tmp_path, monkeypatch):
+    """cache_folder, token and local_files_only, as sentence-transformers' CrossEncoder takes them, reach
+    huggingface_hub; local_files_only never touches the network, even online."""
+    import huggingface_hub
+    import huggingface_hub.constants as constants
+
+    elsewhere = tmp_path / "elsewhere"
+    snapshot = lay_out(elsewhere, REPO_ID, MAIN, standin_dir)
+    calls, download = [], huggingface_hub.hf_hub_download
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", lambda *a, **kw: calls.append(kw) or download(*a, **kw))
+    pairs, gold = short
+    model = CrossEncoder(REPO_ID, device="cpu", cache_folder=str(elsewhere), token="hf_secret")
+    assert model.source_dir.resolve() == snapshot.resolve() and max_diff(model.predict(pairs), gold) <= TOL
+    assert calls and all(kw["cache_dir"] == str(elsewhere) and kw["token"] == "hf_secret" for kw in calls)
+    with pytest.raises(CheckpointError, match=f"not in the Hugging Face cache \\({re.escape(str(hub_cache))}\\)"):
+        CrossEncoder(REPO_ID, device="cpu")  # the default cache does not hold it
+
+    monkeypatch.delenv("HF_HUB_OFFLINE")  # online, but the Hub must not even be probed
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(minilm.checkpoint, "reachable", lambda url: pytest.fail(f"probed {url}"))
+    calls.clear()
+    model = CrossEncoder(REPO_ID, device="cpu", cache_folder=elsewhere, local_files_only=True)
+    assert model.source_dir.resolve() == snapshot.resolve() and all(kw["local_files_only"] for kw in calls)
+    with pytest.raises(CheckpointError, match="not in the Hugging Face cache .*; local_files_only=True"):
+        CrossEncoder("org/absent-model", device="cpu", local_files_only=True)
+
 LOAD_IN_A_FRESH_PROCESS = """
 import json, sys, time
 sys.path.insert(0, sys.argv[1])

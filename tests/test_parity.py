@@ -6,6 +6,7 @@ rank orders must be identical. The stand-in's logits are small (|x| < 0.05) but 
 
 import json
 import math
+import re
 import sys
 import warnings
 
@@ -289,6 +290,14 @@ def test_constructed_by_name_as_in_sentence_transformers(standin_dir, standin_mo
     assert max_diff(model.predict(pairs), standin_model.predict(pairs)) <= TOL
     with pytest.raises(TypeError, match="wraps a built model; to load one, pass its name or folder first"):
         CrossEncoder(standin_model.model)
+    # sentence-transformers' CrossEncoder(name, num_labels, max_length) by position, or a wrapping argument: never
+    # ignored (a max_length passed so would be lost without a word)
+    for args, kwargs, got in (((None, 64), {}, "hf_config=64"), ((), {"precision": "bf16"}, "precision='bf16'")):
+        with pytest.raises(TypeError, match=f"takes its options by keyword .*got {re.escape(got)}$"):
+            CrossEncoder(str(standin_dir), *args, **kwargs)
+    with pytest.raises(ValueError, match="num_labels=2: minilm's cross-encoder has a 1-logit head"):
+        CrossEncoder(str(standin_dir), num_labels=2)
+    assert CrossEncoder(str(standin_dir), num_labels=1, trust_remote_code=True, device="cpu").max_length == 512
 
 
 def test_convert_to_tensor(standin_model, golden, golden_pairs, tiny_indices):
@@ -301,6 +310,22 @@ def test_convert_to_tensor(standin_model, golden, golden_pairs, tiny_indices):
     assert isinstance(one, torch.Tensor) and one.ndim == 0 and abs(one.item() - gold[0]) <= TOL
     sig = standin_model.predict(pairs, convert_to_tensor=True, activation="sigmoid")
     assert max_diff(sig.numpy(), [1 / (1 + math.exp(-g)) for g in gold]) <= TOL
+
+
+def test_convert_to_numpy_false_and_apply_softmax(standin_model, golden, golden_pairs, tiny_indices):
+    """convert_to_numpy=False gives what sentence-transformers 5.1 gives: a list of 0-d tensors. apply_softmax over a
+    1-logit model would make every score 1.0 there: refused, in predict and in rank."""
+    pairs = [golden_pairs[i] for i in tiny_indices]
+    gold = [golden["logits"]["512"]["32"][i] for i in tiny_indices]
+    scores = standin_model.predict(pairs, 32, False, None, False, False)
+    assert isinstance(scores, list) and all(isinstance(s, torch.Tensor) and s.ndim == 0 for s in scores)
+    assert max_diff([s.item() for s in scores], gold) <= TOL
+    one = standin_model.predict(pairs[0], convert_to_numpy=False)
+    assert isinstance(one, torch.Tensor) and one.ndim == 0 and abs(one.item() - gold[0]) <= TOL
+    for call in (lambda: standin_model.predict(pairs, apply_softmax=True),
+                 lambda: standin_model.rank(pairs[0][0], [p for _, p in pairs], apply_softmax=True)):
+        with pytest.raises(ValueError, match="this model has one logit: every score would be 1.0"):
+            call()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
