@@ -430,7 +430,9 @@ def save_checkpoint(step):
     if ddp:
         dist.barrier()
     try:
-        torch_save(tmp / f"rng_state_{rank}.pth", rng_state())
+        # each process's own random state, and its own share of the open log interval: restored as it was, the
+        # interval's sum over ranks is the uninterrupted run's to the last bit
+        torch_save(tmp / f"rng_state_{rank}.pth", {**rng_state(), "interval_loss": tr_loss.cpu(), "interval": interval})
         if master:
             ce.save_pretrained(tmp)
             torch_save(tmp / "optimizer.pt", optimizer.state_dict())
@@ -484,10 +486,11 @@ if cfg.resume:
         model.load_state_dict(load_file(ckpt / "model.safetensors", device=str(device)))
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
         scaler.load_state_dict(torch.load(ckpt / "scaler.pt", weights_only=True))
-        set_rng_state(torch.load(ckpt / f"rng_state_{rank}.pth", weights_only=True))
+        own = torch.load(ckpt / f"rng_state_{rank}.pth", weights_only=True)
+        set_rng_state(own)
         state = {k: saved[k] for k in state}
         taken.fill_(saved["scheduler_steps"])
-        pending = saved["interval"]  # sums over all ranks: rank 0 carries them on
+        pending = saved["interval"]  # sums over all ranks
         named = CHECKPOINT_NAME.fullmatch(ckpt.name)
         if not (isinstance(state["step"], int) and 0 < state["step"] <= total_steps and isinstance(state["history"], list)
                 and isinstance(state["loss_total"], (int, float)) and isinstance(pending, dict)
@@ -498,12 +501,18 @@ if cfg.resume:
             raise ValueError("trainer_state.json: step, history, loss_total or interval of the wrong type or range")
         if named and int(named[1]) != state["step"]:
             raise ValueError(f"trainer_state.json says step {state['step']}, the folder's name step {named[1]}")
+        if "interval_loss" in own:  # this process's share of the open log interval, as it was
+            if not (isinstance(own["interval"], dict) and sorted(own["interval"]) == ["padded", "steps", "tokens"]):
+                raise ValueError(f"rng_state_{rank}.pth: interval of the wrong type")
+            tr_loss.copy_(own["interval_loss"])
+            interval = own["interval"]
+        else:  # checkpoints before 2026-11-28 hold the sums over ranks only: rank 0 carries them on
+            tr_loss.fill_(pending["loss"] if master else 0.0)
+            interval = {"steps": pending["steps"], "tokens": pending["tokens"] if master else 0, "padded": pending["padded"]}
     except Exception as e:  # a truncated or foreign file: name it, do not train from a half-restored state
         die(f"--resume: {ckpt} is damaged ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}){one_before}",
             every_process=True)
-    tr_loss.fill_(pending["loss"] if master else 0.0)
     steps_done.fill_(state["step"])
-    interval = {"steps": pending["steps"], "tokens": pending["tokens"] if master else 0, "padded": pending["padded"]}
     interval_seconds = pending.get("seconds", 0.0)  # the interval's time before the checkpoint, for its tokens/s
     log(f"resumed from {ckpt} at step {state['step']}")
 

@@ -544,18 +544,30 @@ def test_bad_data_under_torchrun_is_one_line(tmp_path):
 
 @pytest.mark.parametrize("exact", ["true", "false"])
 def test_ddp_gloo_two_processes(standin_dir, tmp_path, exact):
-    """2 CPU ranks on 9 pairs in global batches of 8: rows 0-3 / 4-7, then a 1-row batch that rank 0 sits out."""
+    """2 CPU ranks on 9 pairs in global batches of 8: rows 0-3 / 4-7, then a 1-row batch that rank 0 sits out. The
+    first log interval (steps 1-2) straddles checkpoint-1: resumed from there, the run logs what it logged."""
     data = tmp_path / "nine.jsonl"
     data.write_text("".join(PAIRS.read_text(encoding="utf-8").splitlines(keepends=True)[:9]), encoding="utf-8")
     argv = ["--model", standin_dir, "--train", data, "--batch-size", 8, "--max-steps", 3, "--max-length", 32,
-            "--device", "cpu", "--log-every", 1, "--exact", exact]
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    torch.multiprocessing.spawn(ddp_worker, args=(2, port, [str(a) for a in argv + ["--output", tmp_path / "ddp"]], tmp_path), nprocs=2)
-    rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
-    assert rank0["sha256"] == rank1["sha256"], "replicas diverged"
-    assert weights_fingerprint(load_file(tmp_path / "ddp" / "model.safetensors"))["sha256"] == rank0["sha256"]
+            "--device", "cpu", "--log-every", 2, "--save-every", 1, "--keep-checkpoints", 3, "--exact", exact]
+
+    def torchrun(*args):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        torch.multiprocessing.spawn(ddp_worker, args=(2, port, [str(a) for a in argv + list(args)], tmp_path), nprocs=2)
+        rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+        assert rank0["sha256"] == rank1["sha256"], "replicas diverged"
+        return rank0["sha256"]
+
+    uninterrupted = torchrun("--output", tmp_path / "ddp")
+    assert weights_fingerprint(load_file(tmp_path / "ddp" / "model.safetensors"))["sha256"] == uninterrupted
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "ddp" / "checkpoint-1", tmp_path / "resumed" / "checkpoint-1")
+    assert torchrun("--output", tmp_path / "resumed", "--resume", "latest") == uninterrupted
+    timings = ("seconds", "tokens_per_s", "train_runtime", "train_steps_per_second")
+    resumed, full = ([{k: v for k, v in r.items() if k not in timings} for r in read_log(tmp_path / d)] for d in ("resumed", "ddp"))
+    assert resumed == full
 
     train(*argv, "--output", tmp_path / "single")  # the same run in one process: same data and batches
     ddp_log, single_log = ([r for r in read_log(tmp_path / d) if "loss" in r] for d in ("ddp", "single"))
