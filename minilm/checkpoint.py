@@ -166,20 +166,6 @@ def read_state_dict(folder: Path) -> dict:
     return state
 
 
-@contextmanager
-def skip_init():
-    """Build modules without drawing random weights that the checkpoint is about to replace (~0.2 s of a cold start)."""
-    layers = (torch.nn.Linear, torch.nn.Embedding, torch.nn.LayerNorm)
-    saved = [cls.reset_parameters for cls in layers]
-    for cls in layers:
-        cls.reset_parameters = lambda self: None
-    try:
-        yield
-    finally:
-        for cls, reset in zip(layers, saved):
-            cls.reset_parameters = reset
-
-
 def load_weights(model: torch.nn.Module, state: dict, source) -> None:
     """Put `state` into `model`, asserting that every tensor has a place and every place a tensor of the right shape.
 
@@ -187,36 +173,47 @@ def load_weights(model: torch.nn.Module, state: dict, source) -> None:
     lazily and never copied (copy-on-write if trained), which keeps a cold start small. transformers also computes
     on memory-mapped weights, so CPU kernels see the same (unaligned) addresses as in the reference.
 
-    Tolerated like transformers does: keys of a bare BertModel (no `bert.` prefix), the obsolete
-    `embeddings.position_ids` buffer, and a missing pooler or classifier (initialised as transformers would, with a
-    warning: that head is untrained)."""
-    state = {k: v for k, v in state.items() if not k.endswith("embeddings.position_ids")}
-    if not any(k.startswith("bert.") for k in state):
-        state = {(k if k.startswith(("classifier.", "bert.")) else f"bert.{k}"): v for k, v in state.items()}
+    Tolerated as transformers does: keys of a bare BertModel (no `bert.` prefix), TensorFlow-era `LayerNorm.gamma`
+    and `LayerNorm.beta` names, the `embeddings.position_ids` and `embeddings.token_type_ids` buffers (constants, not
+    weights), a pretraining head (`cls.*`: unused, with a warning), and a missing pooler or classifier (initialised as
+    transformers would, with a warning: that head is untrained)."""
+    bare = not any(k.startswith("bert.") for k in state)
+    unused = [k for k in state if k.startswith("cls.")]
+    names = {}  # our name -> the checkpoint's, for errors
+    for key in state:
+        if key in unused or key.endswith(("embeddings.position_ids", "embeddings.token_type_ids")):
+            continue
+        ours = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", key))
+        names[ours if ours.startswith("classifier.") or not bare else f"bert.{ours}"] = key
+    state = {ours: state[key] for ours, key in names.items()}
     expected = model.state_dict()
-    unexpected = sorted(set(state) - set(expected))
+    unexpected = sorted(names[k] for k in set(state) - set(expected))
     missing = sorted(set(expected) - set(state))
     if unexpected:
-        raise CheckpointError(f"{source}: unexpected tensor(s) {', '.join(unexpected)}")
+        raise CheckpointError(f"{source}: unexpected tensor(s), which a BERT cross-encoder does not have: {listed(unexpected)}")
     initialised = [k for k in missing if k.startswith(("classifier.", "bert.pooler."))]
     if len(initialised) != len(missing):
-        raise CheckpointError(f"{source}: missing tensor(s) {', '.join(k for k in missing if k not in initialised)}")
+        raise CheckpointError(f"{source}: missing tensor(s) {listed([k for k in missing if k not in initialised])}")
     for key, tensor in state.items():
         if tensor.shape != expected[key].shape:
-            raise CheckpointError(f"{source}: tensor {key} has shape {list(tensor.shape)}, the config expects {list(expected[key].shape)}")
+            raise CheckpointError(f"{source}: tensor {names[key]} has shape {list(tensor.shape)}, the config expects {list(expected[key].shape)}")
     state = {k: v if v.dtype == torch.float32 else v.float() for k, v in state.items()}  # fp16/bf16 checkpoints
-    broken = [k for k, v in state.items() if v.device.type != "meta" and not bool(torch.isfinite(v).all())]
+    broken = [names[k] for k, v in state.items() if v.device.type != "meta" and not bool(torch.isfinite(v).all())]
     if broken:  # every score would be NaN: a diverged run's or a damaged file's weights
-        raise CheckpointError(f"{source}: tensor(s) {', '.join(broken[:3])}{', ...' if len(broken) > 3 else ''} hold "
-                              "NaN or infinite values")
-    model.load_state_dict(state, strict=False, assign=True)
+        raise CheckpointError(f"{source}: tensor(s) {listed(broken)} hold NaN or infinite values")
+    if unused:
+        warnings.warn(f"{source}: the pretraining head ({len(unused)} cls.* tensors) is not used by a cross-encoder")
     if initialised:
         warnings.warn(f"{source}: {', '.join(initialised)} not in the checkpoint, initialised randomly; fine-tune before use")
         std = model.config.initializer_range
-        with torch.no_grad():
-            for key in initialised:
-                param = model.get_parameter(key)
-                param.normal_(0.0, std) if key.endswith("weight") else param.zero_()
+        for key in initialised:  # in this order, from torch's generator: a seeded run draws the same head
+            shape = expected[key].shape
+            state[key] = torch.empty(shape).normal_(0.0, std) if key.endswith("weight") else torch.zeros(shape)
+    model.load_state_dict(state, assign=True)
+
+
+def listed(names: list, most: int = 5) -> str:
+    return ", ".join(names[:most]) + (f", and {len(names) - most} more" if len(names) > most else "")
 
 
 @contextmanager

@@ -16,7 +16,7 @@ import torch
 
 from . import precision as precisions
 from .checkpoint import (TOKENIZER_FILES, atomic_write, load_weights, read_json, read_state_dict, resolve, save_weights,
-                         skip_init, write_json)
+                         write_json)
 from .model import Config, CrossEncoderModel
 from .tokenizer import PairTokenizer
 from .unpadded import copy_in
@@ -179,11 +179,15 @@ class CrossEncoder:
         folder = resolve(str(name_or_path), revision, cache_dir=cache_folder, local_files_only=local_files_only, token=token)
         hf_config = read_json(folder / "config.json")
         config = Config.from_hf(hf_config, source=str(folder / "config.json"))
-        with skip_init():
+        tokenizer = PairTokenizer.from_dir(folder, max_length, config.max_position_embeddings)
+        tokens = tokenizer.tokenizer.get_vocab_size(with_added_tokens=True)
+        if tokens > config.vocab_size:  # an id past the embeddings would be an IndexError at some text, not here
+            raise ValueError(f"{folder / 'config.json'}: the tokenizer has {tokens} tokens, more than vocab_size "
+                             f"{config.vocab_size} (the rows of bert.embeddings.word_embeddings)")
+        with torch.device("meta"):  # no memory, no random draws: every tensor comes from the checkpoint
             model = CrossEncoderModel(config)
         load_weights(model, read_state_dict(folder), folder)
         model = precisions.convert(model.to(device).eval(), precision, packed)
-        tokenizer = PairTokenizer.from_dir(folder, max_length, config.max_position_embeddings)
         return cls(model, tokenizer, hf_config, folder, precision, activation_fn=activation_fn)
 
     def to(self, device) -> "CrossEncoder":

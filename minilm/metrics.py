@@ -1,9 +1,13 @@
 """Reranking metrics: MRR@10, NDCG@10 and R@1 over the candidates of each query. Small and numpy only.
 
-Candidates are grouped by query (a qid, or the query text) and ranked by descending score; equal scores keep the
-input order, as `CrossEncoder.rank` does. A candidate is relevant when its label is at least 0.5 (MRR and recall);
-NDCG uses the label itself as the gain, so graded labels count as graded. Queries without a relevant candidate have
-no defined MRR or NDCG and are left out of the means (and counted as `skipped`).
+Candidates are grouped by query (a qid, or the query text) and ranked by descending score. Equal scores count against
+the model: among them the least relevant comes first, so a tie (duplicate passages, a model that scores everything
+alike) never earns a hit that the file's order gave it. (sentence-transformers' CrossEncoderRerankingEvaluator puts
+ties in reverse input order for MRR and averages them for NDCG.) A candidate is relevant when its label is at least
+0.5 (MRR and recall); NDCG uses the label itself as the gain, so graded labels count as graded. Queries without a
+relevant candidate have no defined MRR or NDCG and are left out of the means (and counted as `skipped`;
+sentence-transformers counts them as 0). R@1 is recall: the share of a query's relevant candidates ranked first (a
+perfect ranking of a query with two relevant candidates has R@1 0.5).
 """
 
 import numpy as np
@@ -41,7 +45,7 @@ def rerank_metrics(groups, labels, scores) -> dict:
         by_query.setdefault(g, []).append(i)
     per_query = []
     for idx in by_query.values():
-        ranked = labels[idx][np.argsort(-scores[idx], kind="stable")]
+        ranked = labels[idx][np.lexsort((labels[idx], -scores[idx]))]  # by score, then the lower label first
         if (ranked >= RELEVANT).any():
             per_query.append((mrr_at_k(ranked), ndcg_at_k(ranked), recall_at_k(ranked)))
     mrr, ndcg, r1 = np.mean(per_query, axis=0) if per_query else (float("nan"),) * 3

@@ -49,8 +49,11 @@ class Config:
         value of the right type and range (ValueError naming `source` and the key), before any tensor is built."""
         if hf.get("model_type", "bert") != "bert":
             raise ValueError(f"{source} has model_type {hf['model_type']!r}; only 'bert' checkpoints are supported")
-        if hf.get("hidden_act", "gelu") != "gelu":
+        if hf.get("hidden_act", "gelu") not in ("gelu", "gelu_python"):  # both are transformers' exact erf GELU
             raise ValueError(f"{source} has hidden_act {hf['hidden_act']!r}; only exact 'gelu' is implemented")
+        for name in ("is_decoder", "add_cross_attention"):  # a causal mask or cross-attention layers: another model
+            if hf.get(name, False) is not False:
+                raise ValueError(f"{source} has {name} {json.dumps(hf[name])}; only a BERT encoder (false) is implemented")
         if hf.get("position_embedding_type", "absolute") != "absolute":
             raise ValueError(f"{source}: only position_embedding_type 'absolute' is implemented")
         id2label = hf.get("id2label", {"0": "LABEL_0"})
@@ -69,6 +72,8 @@ class Config:
         for name in sizes:
             if getattr(config, name) < 1:
                 raise ValueError(f"{source}: {name} must be at least 1, got {getattr(config, name)}")
+        if config.type_vocab_size < 2:
+            raise ValueError(f"{source}: type_vocab_size must be at least 2 (the passage is segment 1), got {config.type_vocab_size}")
         if config.hidden_size % config.num_attention_heads:
             raise ValueError(f"{source}: num_attention_heads {config.num_attention_heads} does not divide hidden_size "
                              f"{config.hidden_size}")

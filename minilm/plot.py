@@ -1,5 +1,6 @@
 """A line chart as a standalone SVG string: enough for a loss curve, with no plotting library."""
 
+import math
 from html import escape
 
 
@@ -15,10 +16,11 @@ COLORS = ("#1f77b4", "#d62728", "#2ca02c", "#ff7f0e")
 def line_chart_svg(series: dict, title: str = "", xlabel: str = "", ylabel: str = "", width: int = 640,
                    height: int = 360) -> str:
     """One polyline per entry of `series` ({name: (xs, ys)}, a legend when there are several), with min/max tick labels
-    on both axes. Needs at least one point."""
+    on both axes. A NaN or infinite point is left out, as a gap in its line. Needs at least one finite point."""
     left, right, top, bottom = 64, 16, 32, 44  # margins for the labels
-    xs = [x for x_list, _ in series.values() for x in x_list]
-    ys = [y for _, y_list in series.values() for y in y_list]
+    finite = [[(x, y) for x, y in zip(*xy) if math.isfinite(x) and math.isfinite(y)] for xy in series.values()]
+    xs = [x for points in finite for x, _ in points]
+    ys = [y for points in finite for _, y in points]
     x0, x1 = min(xs), max(xs)
     y0, y1 = min(ys), max(ys)
     x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1)  # a single point still gets a scale
@@ -32,10 +34,15 @@ def line_chart_svg(series: dict, title: str = "", xlabel: str = "", ylabel: str 
     lines = []
     for i, (name, (x_list, y_list)) in enumerate(series.items()):
         color = COLORS[i % len(COLORS)]
-        points = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(x_list, y_list))
-        lines.append(f'<polyline points="{points}" fill="none" stroke="{color}" stroke-width="1.5"/>')
+        runs = [[]]  # the stretches between non-finite points
+        for x, y in zip(x_list, y_list):
+            if math.isfinite(x) and math.isfinite(y):
+                runs[-1].append(f"{px(x):.1f},{py(y):.1f}")
+            elif runs[-1]:
+                runs.append([])
+        lines += [f'<polyline points="{" ".join(run)}" fill="none" stroke="{color}" stroke-width="1.5"/>' for run in runs if run]
         lines += [f'<circle cx="{px(x):.1f}" cy="{py(y):.1f}" r="2" fill="{color}"/>'
-                  for x, y in zip(x_list, y_list) if len(x_list) <= 60]
+                  for x, y in finite[i] if len(x_list) <= 60]
         if len(series) > 1:
             lines.append(label(width - right - 8, top + 16 * (i + 1), name, anchor="end").replace('fill="#333"', f'fill="{color}"'))
     middle = (top + height - bottom) / 2

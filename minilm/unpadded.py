@@ -57,8 +57,11 @@ def copy_in(tensor: torch.Tensor, device) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------------------- dropout
 def drop_mask(shape, p: float, device) -> tuple[torch.Tensor, float]:
     """(bool mask, True = drop; the scale 1 / P(keep) for what is kept). One 64-bit draw gives four 16-bit numbers; an
-    element is dropped iff its number is among the lowest round(p * 2^16) of the 2^16 values."""
-    drop = round(p * 65536)
+    element is dropped iff its number is among the lowest round(p * 2^16) of the 2^16 values (at least 1 for any p > 0:
+    a p below 2^-17 still drops; p = 1 drops everything, as F.dropout does)."""
+    drop = max(round(p * 65536), 1 if p > 0 else 0)
+    if drop == 65536:
+        return torch.ones(shape, dtype=torch.bool, device=device), 0.0
     n = int(np.prod(shape))
     bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=device).random_(-(2**63), None)  # every bit random
     return (bits.view(torch.int16)[:n] < drop - 32768).view(shape), 65536 / (65536 - drop)

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import shutil
+import threading
 import warnings
 
 import numpy as np
@@ -143,6 +144,60 @@ def test_position_ids_buffer_is_ignored(standin_dir, standin_state, standin_mode
         model = CrossEncoder.from_pretrained(folder, device="cpu")
     pairs, _ = short
     assert torch.equal(model.score_logits(pairs), standin_model.score_logits(pairs))
+
+
+def test_legacy_names_buffers_and_a_pretraining_head_load_as_in_transformers(standin_dir, standin_state, standin_model,
+                                                                             standin_config, short, tmp_path):
+    """TensorFlow-era LayerNorm.gamma/beta names, a stored token_type_ids buffer, an MLM head (cls.*, as in
+    bert-base-uncased's files) and hidden_act "gelu_python" (the same erf GELU): transformers loads all of these with
+    the same scores, so minilm does too; the head is warned of."""
+    state = {re.sub(r"LayerNorm\.weight$", "LayerNorm.gamma", re.sub(r"LayerNorm\.bias$", "LayerNorm.beta", k)): v
+             for k, v in standin_state.items()}
+    state["bert.embeddings.token_type_ids"] = torch.zeros(1, 512, dtype=torch.int64)
+    state["cls.predictions.bias"] = torch.zeros(30522)
+    state["cls.predictions.transform.dense.weight"] = torch.zeros(384, 384)
+    folder = make_variant(standin_dir, tmp_path / "legacy", state=state, config=dict(standin_config, hidden_act="gelu_python"))
+    with pytest.warns(UserWarning, match=r"the pretraining head \(2 cls\.\* tensors\) is not used"):
+        model = CrossEncoder.from_pretrained(folder, device="cpu")
+    pairs, gold = short
+    # other tensors in the file move the weights' addresses, and with them the last bit of CPU GEMV (see bin_only)
+    assert (model.score_logits(pairs) - standin_model.score_logits(pairs)).abs().max() <= 1e-6
+    assert max_diff(model.predict(pairs), gold) <= TOL
+
+
+def test_errors_name_the_checkpoints_own_keys_and_stay_short(standin_dir, standin_state, tmp_path):
+    roberta = {f"roberta.{k.removeprefix('bert.')}": v for k, v in standin_state.items()}
+    folder = make_variant(standin_dir, tmp_path / "roberta", state=roberta)
+    with pytest.raises(CheckpointError) as err:
+        CrossEncoder.from_pretrained(folder, device="cpu")
+    message = str(err.value)
+    assert "unexpected tensor(s), which a BERT cross-encoder does not have: roberta.classifier.bias, " in message
+    assert "bert.roberta" not in message and re.search(r", and \d+ more$", message) and len(message) < 500
+
+
+def test_loads_in_threads_leave_torch_nn_alone(standin_dir, short):
+    """Two loads at once give the same model, and modules other threads build meanwhile get torch's own init (a
+    load used to swap reset_parameters out of torch.nn.Linear for the whole process)."""
+    built, models = [], []
+    start = threading.Barrier(3)
+
+    def load():
+        start.wait()
+        models.append(CrossEncoder(standin_dir, device="cpu"))
+
+    def build():
+        start.wait()
+        built.extend(torch.nn.Linear(64, 64).weight for _ in range(200))
+
+    threads = [threading.Thread(target=f) for f in (load, load, build)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    pairs, gold = short
+    assert len(models) == 2 and all(max_diff(m.predict(pairs), gold) <= TOL for m in models)
+    for weight in built + [torch.nn.Linear(64, 64).weight]:  # kaiming-uniform in +-1/8
+        assert weight.device.type == "cpu" and 0.05 < weight.std().item() < 0.1 and weight.abs().max().item() <= 0.125
 
 
 def test_pytorch_model_bin_only(standin_dir, standin_state, standin_model, short, tmp_path):

@@ -18,7 +18,7 @@ from minilm.checkpoint import save_weights
 from minilm.cuda_graphs import padded_length
 from minilm.model import Config, CrossEncoderModel
 from minilm.tokenizer import PairEncoding
-from minilm.unpadded import Unpadded, drop_mask, pack
+from minilm.unpadded import Unpadded, drop_mask, dropout, pack
 from test_train import GOLDEN, PAIRS, REPO, TRAIN, read_log, train
 
 
@@ -220,6 +220,11 @@ def test_cheap_dropout_masks_keep_the_rate_and_the_expectation():
     assert scale * (1 - p) == pytest.approx(1.0, abs=1e-15)
     a, _ = drop_mask((n,), 0.1, "cpu")
     assert (a != dropped).any(), "every draw is a new mask"
+    # the ends: p = 1 drops everything (F.dropout's zeros, not a ZeroDivisionError); a p too small for 16 bits still
+    # drops 1 in 2^16 rather than nothing
+    everything, _ = drop_mask((n,), 1.0, "cpu")
+    assert bool(everything.all()) and dropout(torch.ones(8, requires_grad=True), 1.0, True).abs().sum() == 0
+    assert drop_mask((n,), 1e-7, "cpu")[0].any() and not drop_mask((n,), 0.0, "cpu")[0].any()
 
 
 def test_a_run_shorter_than_log_every_logs_its_steps(standin_dir, tmp_path):

@@ -115,6 +115,11 @@ def test_damaged_pytorch_model_bin(standin_dir, tmp_path, capsys, data, problem)
         ("hidden_dropout_prob", 1.5, "hidden_dropout_prob must be between 0 and 1, got 1.5"),
         ("pad_token_id", 30522, "pad_token_id 30522 is not an id of the 30522-token vocabulary"),
         ("id2label", None, "a cross-encoder reranker has exactly 1 label"),
+        # transformers would score these with a causal mask, or build cross-attention layers: another model
+        ("is_decoder", True, "has is_decoder true; only a BERT encoder (false) is implemented"),
+        ("add_cross_attention", True, "has add_cross_attention true; only a BERT encoder (false) is implemented"),
+        ("type_vocab_size", 1, "type_vocab_size must be at least 2 (the passage is segment 1), got 1"),
+        ("vocab_size", 30000, "the tokenizer has 30522 tokens, more than vocab_size 30000"),
     ],
 )
 def test_config_value_of_the_wrong_type_or_range(standin_dir, config, tmp_path, capsys, key, value, problem):

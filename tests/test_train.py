@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import re
 import runpy
 import shutil
 import socket
@@ -29,6 +30,7 @@ from minilm import CrossEncoder
 from minilm.data import DataError, fingerprint, read_pairs, read_ranking_pairs
 from minilm.evaluate import main as evaluate_main
 from minilm.metrics import rerank_metrics
+from minilm.plot import line_chart_svg
 from reference.make_train_golden import weights_fingerprint  # the function the golden weights were fingerprinted with
 
 TESTS = Path(__file__).resolve().parent
@@ -595,9 +597,20 @@ def test_metrics_by_hand():
     assert m["mrr@10"] == pytest.approx((0.5 + 1 + 1 + 0) / 4)
     assert m["ndcg@10"] == pytest.approx((1 / math.log2(3) + 1 + 1 + 0) / 4)
     assert m["r@1"] == pytest.approx(2 / 4) and (m["queries"], m["skipped"]) == (4, 1)
-    assert rerank_metrics(["q", "q"], [0, 1], [1.0, 1.0])["mrr@10"] == 0.5  # ties keep the input order
+    # equal scores count against the model, whatever the file's order: a constant scorer earns nothing by it
+    for labels in ([0, 1], [1, 0]):
+        assert rerank_metrics(["q", "q"], labels, [1.0, 1.0])["mrr@10"] == 0.5
+    flat = rerank_metrics(["q"] * 5, [1, 0, 0, 0, 0], [0.3] * 5)
+    assert (flat["mrr@10"], flat["r@1"]) == (0.2, 0.0) and flat["ndcg@10"] == pytest.approx(1 / math.log2(6))
     graded = rerank_metrics(["q"] * 3, [0.5, 1.0, 0.0], [3, 2, 1])["ndcg@10"]
     assert graded == pytest.approx((0.5 + 1 / math.log2(3)) / (1 + 0.5 / math.log2(3)))
+
+
+def test_loss_chart_leaves_out_non_finite_points():
+    svg = line_chart_svg({"loss": ([1, 2, 3, 4, 5], [math.nan, 0.5, math.inf, 0.3, 0.4])})
+    assert "nan" not in svg and "inf" not in svg
+    assert re.findall(r'<polyline points="([^"]*)"', svg) == ["64.0,32.0", "437.3,316.0 624.0,174.0"]  # a gap at step 3
+    assert ">0.5<" in svg and ">0.3<" in svg  # the scale of the finite points
 
 
 def test_evaluate_cli(standin_dir, tmp_path, capsys):
