@@ -129,66 +129,61 @@ def ranked(scores, logits, documents: list, top_k: int | None = None, return_doc
 class CrossEncoder:
     """A MiniLM/BERT cross-encoder with its tokenizer: `predict` scores pairs, `rank` orders passages for a query."""
 
-    def __init__(self, model: "CrossEncoderModel | str | os.PathLike", tokenizer: PairTokenizer | None = None,
-                 hf_config: dict | None = None, source_dir: Path | None = None, precision: str = "fp32",
-                 activation_fn=None, **load):
-        """`CrossEncoder(name_or_path, device=..., max_length=..., revision=..., dtype=...)` loads a checkpoint, as
-        sentence-transformers' CrossEncoder does (the same as `from_pretrained`, which lists the options); given a
-        model, its tokenizer and its config.json, it wraps them."""
-        if isinstance(model, (str, os.PathLike)):
-            wrapped = {"tokenizer": tokenizer, "hf_config": hf_config, "source_dir": source_dir}
-            given = [f"{name}={value!r}" for name, value in {**wrapped, "precision": precision}.items()
-                     if value is not None and (name, value) != ("precision", "fp32")]
-            if given:  # CrossEncoder(name, 1, 512) is sentence-transformers' num_labels, max_length: never ignore it
-                raise TypeError(f"CrossEncoder({str(model)!r}, ...) loads a checkpoint and takes its options by keyword "
-                                f"(device=, max_length=, dtype=, ...: see CrossEncoder.from_pretrained), got {', '.join(given)[:200]}")
-            vars(self).update(vars(type(self).from_pretrained(model, activation_fn=activation_fn, **load)))
-            return
-        if tokenizer is None or hf_config is None or load:
-            raise TypeError("CrossEncoder(model, tokenizer, hf_config) wraps a built model; to load one, pass its name "
-                            "or folder first")
-        self.model = model
-        self.tokenizer = tokenizer
-        self.hf_config = hf_config
-        self.source_dir = source_dir  # tokenizer files are copied from here by save_pretrained
-        # the default activation of predict and rank, saved by save_pretrained
-        self.activation = default_activation(hf_config) if activation_fn is None else activation_fn
-        self.precision = precision  # "fp32", or what minilm.precision converted the model to: "bf16", "fp16", "int8"
+    def __init__(self, model_name_or_path: "str | os.PathLike", num_labels: int | None = None,
+                 max_length: int | None = None, activation_fn=None, device=None, cache_folder=None,
+                 trust_remote_code: bool = False, revision: str | None = None, local_files_only: bool = False,
+                 token=None, *, dtype=None, packed: bool = True):
+        """Load a local directory, a name under weights/, or a Hugging Face Hub id (see `minilm.checkpoint`), taking
+        sentence-transformers' arguments in its order.
 
-    @classmethod
-    def from_pretrained(cls, name_or_path, *, revision=None, device=None, dtype=None, max_length=None,
-                        packed: bool = True, activation_fn=None, num_labels=None, cache_folder=None,
-                        local_files_only: bool = False, token=None, trust_remote_code: bool = False) -> "CrossEncoder":
-        """Load a local directory, a name under weights/, or a Hugging Face Hub id (see `minilm.checkpoint`).
-
-        device: default cuda when available, cpu for int8. dtype: fp32 (default, exact), "bf16", "fp16", "int8" (see
-        minilm.precision; `packed=False`: plain Linears for CPU bf16). max_length: tokens per pair (default: the
-        checkpoint's, at most 512). activation_fn: the default activation of predict and rank (default: the
-        checkpoint's, see `default_activation`). As in sentence-transformers: revision, cache_folder (the Hub cache),
-        local_files_only, token (for private Hub models), num_labels (1 or None: the head has one logit), and
-        trust_remote_code (accepted; minilm never runs code from a checkpoint)."""
+        max_length: tokens per pair (default: the checkpoint's, at most 512). activation_fn: the default activation of
+        predict and rank (default: the checkpoint's, see `default_activation`). device: default cuda when available,
+        cpu for int8. cache_folder (the Hub cache), revision, local_files_only and token (private Hub models) go to
+        huggingface_hub. num_labels: 1 or None (the head has one logit). trust_remote_code: accepted; minilm never runs
+        code from a checkpoint. minilm's own, by keyword: dtype fp32 (default, exact), "bf16", "fp16", "int8" (see
+        minilm.precision; `packed=False`: plain Linears for CPU bf16)."""
+        if not isinstance(model_name_or_path, (str, os.PathLike)):
+            raise TypeError(f"model_name_or_path must be a Hub id or a folder, got {type(model_name_or_path).__name__}")
         if num_labels not in (None, 1):
             raise ValueError(f"num_labels={num_labels!r}: minilm's cross-encoder has a 1-logit head")
         if activation_fn is not None:
             activation_module(activation_fn)  # ValueError now for an unknown name, not at the first predict
-        precision = precisions.parse(dtype)
+        self.precision = precisions.parse(dtype)  # "fp32", or what minilm.precision converts the model to
         if device is None:
-            device = "cuda" if torch.cuda.is_available() and precision != "int8" else "cpu"  # int8 runs on CPUs only
+            device = "cuda" if torch.cuda.is_available() and self.precision != "int8" else "cpu"  # int8: CPUs only
         device = usable_device(device)
-        precisions.check(precision, device)  # before the slow part
-        folder = resolve(str(name_or_path), revision, cache_dir=cache_folder, local_files_only=local_files_only, token=token)
-        hf_config = read_json(folder / "config.json")
-        config = Config.from_hf(hf_config, source=str(folder / "config.json"))
-        tokenizer = PairTokenizer.from_dir(folder, max_length, config.max_position_embeddings)
-        tokens = tokenizer.tokenizer.get_vocab_size(with_added_tokens=True)
+        precisions.check(self.precision, device)  # before the slow part
+        folder = resolve(str(model_name_or_path), revision, cache_dir=cache_folder, local_files_only=local_files_only,
+                         token=token)
+        self.source_dir = folder  # tokenizer files are copied from here by save_pretrained
+        self.hf_config = read_json(folder / "config.json")
+        config = Config.from_hf(self.hf_config, source=str(folder / "config.json"))
+        self.tokenizer = PairTokenizer.from_dir(folder, max_length, config.max_position_embeddings)
+        tokens = self.tokenizer.tokenizer.get_vocab_size(with_added_tokens=True)
         if tokens > config.vocab_size:  # an id past the embeddings would be an IndexError at some text, not here
             raise ValueError(f"{folder / 'config.json'}: the tokenizer has {tokens} tokens, more than vocab_size "
                              f"{config.vocab_size} (the rows of bert.embeddings.word_embeddings)")
         with torch.device("meta"):  # no memory, no random draws: every tensor comes from the checkpoint
             model = CrossEncoderModel(config)
         load_weights(model, read_state_dict(folder), folder)
-        model = precisions.convert(model.to(device).eval(), precision, packed)
-        return cls(model, tokenizer, hf_config, folder, precision, activation_fn=activation_fn)
+        self.model = precisions.convert(model.to(device).eval(), self.precision, packed)
+        # the default activation of predict and rank, saved by save_pretrained
+        self.activation = default_activation(self.hf_config) if activation_fn is None else activation_fn
+
+    @classmethod
+    def from_pretrained(cls, model_name_or_path, **options) -> "CrossEncoder":
+        """`CrossEncoder(model_name_or_path, **options)`, under transformers' name."""
+        return cls(model_name_or_path, **options)
+
+    @property
+    def activation_fn(self) -> torch.nn.Module:
+        """The default activation of predict and rank, as a module (sentence-transformers' attribute); assignable."""
+        return activation_module(self.activation) or torch.nn.Identity()
+
+    @activation_fn.setter
+    def activation_fn(self, activation) -> None:
+        activation_module(activation)  # ValueError for an unknown name
+        self.activation = activation
 
     def to(self, device) -> "CrossEncoder":
         """Move the model to `device`, as nn.Module.to does (a converted model's weights are made for its device)."""
@@ -205,7 +200,12 @@ class CrossEncoder:
 
     @property
     def max_length(self) -> int:
+        """Tokens per pair; assignable, as in sentence-transformers (5 to the model's position embeddings)."""
         return self.tokenizer.max_length
+
+    @max_length.setter
+    def max_length(self, max_length: int) -> None:
+        self.tokenizer.max_length = max_length
 
     @property
     def max_batch_tokens(self) -> int:
@@ -255,6 +255,10 @@ class CrossEncoder:
         chunk of a file in a thread while this one is scored)."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        dtype = next(self.model.parameters()).dtype if self.precision == "fp32" else torch.float32
+        if dtype != torch.float32:  # model.model.half(): the head would get mixed dtypes
+            raise ValueError(f"the model's weights are {dtype} but it was loaded in fp32; load it with "
+                             f"dtype='fp16' or 'bf16' (minilm.precision) instead of converting model.model")
         self.model.eval()
         out = torch.empty(len(encodings), dtype=torch.float32)
         lengths = [len(e.ids) for e in encodings]
@@ -284,14 +288,14 @@ class CrossEncoder:
              convert_to_numpy: bool = True, convert_to_tensor: bool = False, *, activation=None) -> list:
         """Score every document against `query`; [{"corpus_id", "score"[, "text"]}] highest first (see `ranked`).
 
-        top_k: the number of results, at least 1 (None: all). `documents` is a list (or iterable) of strings. The other
+        top_k: the number of results (None: all). `documents` is a list (or iterable) of strings. The other
         arguments are predict's, in sentence-transformers' order (as there, the scores are floats whatever
         convert_to_numpy and convert_to_tensor say)."""
         refuse_softmax(apply_softmax)
         if isinstance(documents, str):  # iterating it would score one-character documents
             raise TypeError("documents must be a list of strings, got one string; pass [text] for a single document")
-        if top_k is not None and top_k < 1:  # results[:-1] would silently drop the last one
-            raise ValueError(f"top_k must be at least 1 (None: all documents), got {top_k}")
+        if top_k is not None and top_k < 0:  # results[:-1] would silently drop the last one
+            raise ValueError(f"top_k must be at least 0 (None: all documents), got {top_k}")
         documents = list(documents)
         logits = self.predict([(query, d) for d in documents], batch_size, show_progress_bar, "identity", convert_to_tensor=True)
         return ranked(self.activate(logits, activation if activation is not None else activation_fn), logits, documents,

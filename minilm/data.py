@@ -103,9 +103,14 @@ def read_rows(path: str, fmt: str):
     name = shown(path)
     lines = text_lines(path)
     if fmt == "jsonl":
+        first = True
         for n, line in lines:
             if not line.strip():
                 continue
+            if first and line.lstrip(JSON_WHITESPACE).startswith("["):  # a .json file: one array of objects
+                raise DataError(f"{name}:{n}: a JSON array; JSONL is one object per line (convert it with "
+                                f"`jq -c '.[]' FILE > FILE.jsonl`)")
+            first = False
             try:
                 row = json.loads(line, parse_constant=not_json, parse_float=finite_float, parse_int=json_int,
                                  object_pairs_hook=unique_keys)

@@ -117,11 +117,9 @@ class NoTokens(ValueError):
 class PairTokenizer:
     """Turns (query, passage) pairs into padded int64 arrays for the model."""
 
-    def __init__(self, tokenizer: Tokenizer, max_length: int, pad_token: str = "[PAD]"):
-        if max_length < 5:  # at 4, truncation (as transformers does it) leaves the query no token: every query the same
-            raise ValueError(f"max_length must be at least 5 ([CLS] query [SEP] passage [SEP] with a token of each), "
-                             f"got {max_length}")
+    def __init__(self, tokenizer: Tokenizer, max_length: int, pad_token: str = "[PAD]", max_positions: int | None = None):
         self.tokenizer = tokenizer
+        self.max_positions = max_positions  # the model's position embeddings, when known: max_length's ceiling
         self.max_length = max_length
         self.pad_id = tokenizer.token_to_id(pad_token)
         if self.pad_id is None:
@@ -139,6 +137,31 @@ class PairTokenizer:
         self.cuttable = (isinstance(tokenizer.normalizer, (normalizers.BertNormalizer, type(None)))
                          and isinstance(tokenizer.pre_tokenizer, pre_tokenizers.BertPreTokenizer)
                          and not any(" " in t.content for t in tokenizer.get_added_tokens_decoder().values()))
+
+    @property
+    def max_length(self) -> int:
+        """Tokens per pair, specials included; assignable (transformers' name, model_max_length, too)."""
+        return self._max_length
+
+    @max_length.setter
+    def max_length(self, max_length: int) -> None:
+        if max_length < 5:  # at 4, truncation (as transformers does it) leaves the query no token: every query the same
+            raise ValueError(f"max_length must be at least 5 ([CLS] query [SEP] passage [SEP] with a token of each), "
+                             f"got {max_length}")
+        if self.max_positions is not None and max_length > self.max_positions:
+            raise ValueError(f"max_length {max_length} exceeds the model's {self.max_positions} position embeddings")
+        self._max_length = max_length
+
+    model_max_length = max_length
+
+    @property
+    def truncation_side(self) -> str:
+        return "right"
+
+    @truncation_side.setter
+    def truncation_side(self, side: str) -> None:  # as transformers' attribute, never silently ignored
+        if side != "right":
+            raise ValueError(f"truncation_side {side!r}: minilm truncates texts at their end only")
 
     @classmethod
     def from_dir(cls, path: Path, max_length: int | None, max_position_embeddings: int) -> "PairTokenizer":
@@ -165,11 +188,8 @@ class PairTokenizer:
         if isinstance(limit, bool) or not isinstance(limit, (int, float)):
             raise CheckpointError(f"{config_file}: model_max_length must be a number, got {json.dumps(limit)}")
         limit = min(int(limit), max_position_embeddings)
-        if max_length is None:
-            max_length = limit
-        elif max_length > max_position_embeddings:
-            raise ValueError(f"max_length {max_length} exceeds the model's {max_position_embeddings} position embeddings")
-        return cls(tokenizer, max_length, config.get("pad_token", "[PAD]"))
+        return cls(tokenizer, limit if max_length is None else max_length, config.get("pad_token", "[PAD]"),
+                   max_position_embeddings)
 
     def encode(self, pairs, require_tokens: bool = False) -> list[PairEncoding]:
         """Unpadded [CLS] query [SEP] passage [SEP] ids of (query, passage) pairs, truncated longest-first.

@@ -606,7 +606,9 @@ def test_kill_9_leaves_a_temporary_file_that_the_next_run_removes(standin, model
 
 BAD_INPUTS = {
     "malformed-json": ("in.jsonl", '{"query": "q", "passage": "p"}\n{"query": "q", "passage": "p"\n', ":2", "malformed JSON"),
-    "not-an-object": ("in.jsonl", '["q", "p"]\n', ":1", "expected a JSON object"),
+    "not-an-object": ("in.jsonl", '{"query": "q", "passage": "p"}\n["q", "p"]\n', ":2", "expected a JSON object"),
+    "json-array": ("in.jsonl", '[\n  {"query": "q", "passage": "p"}\n]\n', ":1",
+                   "a JSON array; JSONL is one object per line (convert it with `jq -c '.[]' FILE > FILE.jsonl`)"),
     "missing-field": ("in.jsonl", '{"query": "q", "passage": "p"}\n{"query": "q", "text": "p"}\n', ":2", "missing field 'passage'"),
     "empty-passage": ("in.jsonl", '{"query": "q", "passage": "  "}\n', ":1", "'passage' is empty"),
     "number-passage": ("in.jsonl", '{"query": "q", "passage": 3}\n', ":1", "expected text"),

@@ -6,7 +6,6 @@ rank orders must be identical. The stand-in's logits are small (|x| < 0.05) but 
 
 import json
 import math
-import re
 import sys
 import warnings
 
@@ -224,6 +223,41 @@ def test_logits_max_length_64(model_64, golden, golden_pairs):
     assert max_diff(model_64.predict(golden_pairs), golden["logits"]["64"]["32"]) <= TOL
 
 
+def test_max_length_set_on_a_loaded_model_as_in_sentence_transformers(standin_dir, golden, golden_pairs):
+    """`model.max_length = n` and `model.tokenizer.model_max_length = n` (sentence-transformers' and transformers'
+    habits) truncate at n from then on; what minilm cannot do is refused, never ignored."""
+    model = CrossEncoder(standin_dir, device="cpu")
+    model.tokenizer.model_max_length = 64
+    assert model.max_length == 64 and max_diff(model.predict(golden_pairs), golden["logits"]["64"]["32"]) <= TOL
+    model.max_length = 512
+    assert max_diff(model.predict(golden_pairs), golden["logits"]["512"]["32"]) <= TOL
+    for name, value, problem in (("max_length", 513, "exceeds the model's 512 position embeddings"),
+                                 ("max_length", 4, "max_length must be at least 5"),
+                                 ("truncation_side", "left", "minilm truncates texts at their end only")):
+        with pytest.raises(ValueError, match=problem):
+            setattr(model if name == "max_length" else model.tokenizer, name, value)
+    assert model.max_length == 512 and model.tokenizer.truncation_side == "right"
+
+
+def test_activation_fn_attribute_as_in_sentence_transformers(standin_dir, golden, golden_pairs, tiny_indices):
+    model = CrossEncoder(standin_dir, device="cpu")
+    pairs = [golden_pairs[i] for i in tiny_indices]
+    gold = np.asarray([golden["logits"]["512"]["32"][i] for i in tiny_indices])
+    assert isinstance(model.activation_fn, torch.nn.Identity)
+    model.activation_fn = torch.nn.Sigmoid()  # from then on, and saved
+    assert max_diff(model.predict(pairs), 1 / (1 + np.exp(-gold))) <= TOL / 4
+    assert isinstance(model.activation_fn, torch.nn.Sigmoid) and model.export_config()["sentence_transformers"]["activation_fn"] == "torch.nn.modules.activation.Sigmoid"
+    with pytest.raises(ValueError, match="not a module class of torch.nn"):
+        model.activation_fn = "tanh"
+
+
+def test_weights_converted_by_hand_are_refused_with_the_way_to_do_it(standin_dir):
+    model = CrossEncoder(standin_dir, device="cpu")
+    model.model.half()  # the head computes in fp32: a bare dtype error from deep inside otherwise
+    with pytest.raises(ValueError, match="weights are torch.float16 but it was loaded in fp32; load it with dtype='fp16'"):
+        model.predict([("q", "p")])
+
+
 def test_plain_softmax_attention_path(standin_model, golden, golden_pairs, monkeypatch):
     """set_sdpa(False): the explicit softmax(q k^T / sqrt(d) + mask) v path gives the same logits."""
 
@@ -288,13 +322,12 @@ def test_constructed_by_name_as_in_sentence_transformers(standin_dir, standin_mo
     model = CrossEncoder(str(standin_dir), device="cpu", max_length=64)
     assert model.max_length == 64 and model.source_dir == standin_dir
     assert max_diff(model.predict(pairs), standin_model.predict(pairs)) <= TOL
-    with pytest.raises(TypeError, match="wraps a built model; to load one, pass its name or folder first"):
+    with pytest.raises(TypeError, match="model_name_or_path must be a Hub id or a folder, got CrossEncoderModel"):
         CrossEncoder(standin_model.model)
-    # sentence-transformers' CrossEncoder(name, num_labels, max_length) by position, or a wrapping argument: never
-    # ignored (a max_length passed so would be lost without a word)
-    for args, kwargs, got in (((None, 64), {}, "hf_config=64"), ((), {"precision": "bf16"}, "precision='bf16'")):
-        with pytest.raises(TypeError, match=f"takes its options by keyword .*got {re.escape(got)}$"):
-            CrossEncoder(str(standin_dir), *args, **kwargs)
+    # sentence-transformers' positional order: num_labels, max_length, activation_fn, device
+    model = CrossEncoder(str(standin_dir), None, 64, torch.nn.Sigmoid(), "cpu")
+    assert model.max_length == 64 and model.device.type == "cpu"
+    assert max_diff(model.predict(pairs), 1 / (1 + np.exp(-standin_model.predict(pairs)))) <= TOL
     with pytest.raises(ValueError, match="num_labels=2: minilm's cross-encoder has a 1-logit head"):
         CrossEncoder(str(standin_dir), num_labels=2)
     assert CrossEncoder(str(standin_dir), num_labels=1, trust_remote_code=True, device="cpu").max_length == 512
@@ -361,9 +394,9 @@ def test_rank_refuses_what_it_would_get_silently_wrong(standin_model):
     """top_k=-1 would drop the last document (results[:-1]) and a str would be scored letter by letter."""
     documents = ["Paris is in France.", "Bananas are yellow.", "Berlin is in Germany."]
     assert len(standin_model.rank("where is paris", documents, top_k=3)) == 3
-    for top_k in (-1, 0):
-        with pytest.raises(ValueError, match=f"top_k must be at least 1 .*got {top_k}"):
-            standin_model.rank("where is paris", documents, top_k=top_k)
+    assert standin_model.rank("where is paris", documents, top_k=0) == []  # as in sentence-transformers
+    with pytest.raises(ValueError, match="top_k must be at least 0 .*got -1"):
+        standin_model.rank("where is paris", documents, top_k=-1)
     with pytest.raises(TypeError, match="documents must be a list of strings, got one string"):
         standin_model.rank("where is paris", "abc")
 
