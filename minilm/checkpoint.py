@@ -184,7 +184,10 @@ def load_weights(model: torch.nn.Module, state: dict, source) -> None:
         if key in unused or key.endswith(("embeddings.position_ids", "embeddings.token_type_ids")):
             continue
         ours = re.sub(r"LayerNorm\.gamma$", "LayerNorm.weight", re.sub(r"LayerNorm\.beta$", "LayerNorm.bias", key))
-        names[ours if ours.startswith("classifier.") or not bare else f"bert.{ours}"] = key
+        ours = ours if ours.startswith("classifier.") or not bare else f"bert.{ours}"
+        if ours in names:  # LayerNorm.gamma beside LayerNorm.weight: which one is meant?
+            raise CheckpointError(f"{source}: tensors {names[ours]} and {key} are both {ours}")
+        names[ours] = key
     state = {ours: state[key] for ours, key in names.items()}
     expected = model.state_dict()
     unexpected = sorted(names[k] for k in set(state) - set(expected))

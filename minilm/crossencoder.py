@@ -91,7 +91,9 @@ def activation_path(activation) -> str:
     if not isinstance(activation, torch.nn.Module) or not path.startswith("torch.nn.modules."):
         raise ValueError(f"activation_fn {activation!r} cannot be saved in config.json: only a torch.nn module "
                          f"(torch.nn.Sigmoid(), torch.nn.Identity(), ...) or its path can")
-    activation_from_path(path)  # one built without arguments, as it will be when loaded
+    if activation_from_path(path).extra_repr() != activation.extra_repr():  # loaded, it is built without arguments
+        raise ValueError(f"activation_fn {activation!r} cannot be saved in config.json, which names its class only: "
+                         f"loaded back it would be {type(activation).__name__}() and score differently")
     return path
 
 

@@ -13,6 +13,7 @@ ignored: transformers ignores it at call time too.
 """
 
 import json
+import numbers
 from pathlib import Path
 from typing import NamedTuple
 
@@ -145,6 +146,9 @@ class PairTokenizer:
 
     @max_length.setter
     def max_length(self, max_length: int) -> None:
+        if isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral):
+            raise TypeError(f"max_length must be a whole number of tokens, got {max_length!r}")
+        max_length = int(max_length)
         if max_length < 5:  # at 4, truncation (as transformers does it) leaves the query no token: every query the same
             raise ValueError(f"max_length must be at least 5 ([CLS] query [SEP] passage [SEP] with a token of each), "
                              f"got {max_length}")

@@ -165,6 +165,14 @@ def test_legacy_names_buffers_and_a_pretraining_head_load_as_in_transformers(sta
     assert max_diff(model.predict(pairs), gold) <= TOL
 
 
+def test_a_tensor_under_its_old_and_new_name_is_refused(standin_dir, standin_state, tmp_path):
+    state = dict(standin_state, **{"bert.embeddings.LayerNorm.gamma": torch.zeros(384)})
+    with pytest.raises(CheckpointError, match="tensors bert.embeddings.LayerNorm.gamma and bert.embeddings.LayerNorm.weight "
+                                              "are both bert.embeddings.LayerNorm.weight|tensors bert.embeddings.LayerNorm.weight "
+                                              "and bert.embeddings.LayerNorm.gamma are both"):
+        CrossEncoder.from_pretrained(make_variant(standin_dir, tmp_path / "both", state=state), device="cpu")
+
+
 def test_errors_name_the_checkpoints_own_keys_and_stay_short(standin_dir, standin_state, tmp_path):
     roberta = {f"roberta.{k.removeprefix('bert.')}": v for k, v in standin_state.items()}
     folder = make_variant(standin_dir, tmp_path / "roberta", state=roberta)
@@ -374,6 +382,10 @@ def test_an_activation_function_that_config_json_cannot_name_scores_but_is_not_s
     pairs, gold = tiny
     assert max_diff(model.predict(pairs), 1 / (1 + np.exp(-gold))) <= TOL / 4
     with pytest.raises(ValueError, match="cannot be saved in config.json: only a torch.nn module"):
+        model.save_pretrained(tmp_path / "saved")
+    model.activation_fn = torch.nn.Hardtanh(-0.01, 0.01)  # config.json names the class only: loaded, +-1
+    assert model.predict(pairs).tolist() == pytest.approx(np.clip(gold, -0.01, 0.01).tolist(), abs=1e-6)
+    with pytest.raises(ValueError, match=r"loaded back it would be Hardtanh\(\) and score differently"):
         model.save_pretrained(tmp_path / "saved")
     assert not (tmp_path / "saved").exists()  # refused before anything was written
     with pytest.raises(ValueError, match="'tanh' is not a module class of torch.nn"):  # at load, not at the first predict

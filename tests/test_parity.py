@@ -231,6 +231,8 @@ def test_max_length_set_on_a_loaded_model_as_in_sentence_transformers(standin_di
     assert model.max_length == 64 and max_diff(model.predict(golden_pairs), golden["logits"]["64"]["32"]) <= TOL
     model.max_length = 512
     assert max_diff(model.predict(golden_pairs), golden["logits"]["512"]["32"]) <= TOL
+    with pytest.raises(TypeError, match="max_length must be a whole number of tokens, got 64.5"):
+        model.max_length = 64.5
     for name, value, problem in (("max_length", 513, "exceeds the model's 512 position embeddings"),
                                  ("max_length", 4, "max_length must be at least 5"),
                                  ("truncation_side", "left", "minilm truncates texts at their end only")):
