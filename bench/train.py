@@ -68,13 +68,14 @@ def run_minilm(model, train_file, args, exact: bool, out: Path, *extra, masks=0,
             "grad_norms": [r["grad_norm"] for r in intervals]}
 
 
-def real_tokens(model, rows, first: int, last: int) -> int:
-    """Real tokens in steps first+1..last of every loop here: batches of 16 in randperm(N, seed 42 + epoch) order."""
+def real_tokens(model, rows, first: int, last: int, max_length: int) -> int:
+    """Real tokens in steps first+1..last of every loop here: batches of 16 in randperm(N, seed 42 + epoch) order,
+    truncated at max_length."""
     import torch
 
     from minilm import CrossEncoder
 
-    tokenizer = CrossEncoder.from_pretrained(model, device="cpu").tokenizer
+    tokenizer = CrossEncoder(model, device="cpu", max_length=max_length).tokenizer
     lengths = [len(e.ids) for e in tokenizer.encode([(r["query"], r["passage"]) for r in rows])]
     per_epoch = -(-len(rows) // 16)
     total = 0
@@ -122,7 +123,7 @@ def run_st(model, rows, args, out: Path, attention=None) -> dict:
     with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION) if attention == "efficient" else nullcontext():
         trainer.train()
     seconds = marks[args.steps] - marks[args.log_every]
-    tokens = real_tokens(model, rows, args.log_every, args.steps)
+    tokens = real_tokens(model, rows, args.log_every, args.steps, args.max_length)
     return {"steps_per_s": (args.steps - args.log_every) / seconds, "tokens_per_s": tokens / seconds, "losses": losses,
             "lrs": lrs, "grad_norms": grad_norms}
 
