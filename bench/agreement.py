@@ -93,7 +93,7 @@ def main():
         # for each query whose top passage changed: how far apart fp32 put the two passages
         gaps = [reference[position[top1[q]]] - reference[position[picked[q]]] for q in qids if picked[q] != top1[q]]
         print(f"| {dtype} | {speed:.1f} | {mrr(scores):.4f} | {same:.1%} | {spearman(reference, scores):.4f} | "
-              f"{np.abs(scores - reference).max():.1e} | {max(gaps, default=0):.1e} |")
+              f"{np.abs(scores - reference).max():.1e} | {f"{max(gaps):.1e}" if gaps else "-"} |")
 
 
 if __name__ == "__main__":

@@ -6,10 +6,10 @@
 
 Pairs follow the model card's length statistics (query ~41 chars; passage 88-1019 chars, mean ~369): TyDi-ru train
 queries with their candidate passages cut at a word boundary to lengths drawn from a fixed-seed distribution. Every
-system scores the same pairs in the same batches of 32 (each decides its own order inside: sentence-transformers keeps
-input order, the others sort by length); rounds are interleaved so machine noise hits all systems alike. The table gives
-pairs/s (best round), the ratio to sentence-transformers, max |score - minilm fp32| and peak memory (RSS on the CPU,
-allocated GPU memory on a GPU).
+system scores the same pairs, at most 32 to a batch: sentence-transformers in input order, the others on minilm's own
+batches (longest first, at most `max_batch_tokens` padded tokens); rounds are interleaved so machine noise hits all
+systems alike. The table gives pairs/s (best round), the ratio to sentence-transformers and max |score - minilm fp32|;
+then the peak memory of the whole process, all systems together (RSS on the CPU, allocated GPU memory on a GPU).
 
 On a GPU the systems are minilm fp32/fp16/bf16 and sentence-transformers in fp32 and in fp16 (its model loaded with
 `dtype=float16`, the fair baseline for minilm's reduced-precision rows); ONNX Runtime and int8 are CPU-only.
@@ -165,7 +165,7 @@ def bar_chart_svg(values: dict, title: str, width: int = 640) -> str:
 
 
 def hf_sorted(model_dir, ours, batch_size):
-    """transformers' BertForSequenceClassification fed the same length-sorted batches as minilm."""
+    """transformers' BertForSequenceClassification fed minilm's batches."""
     from transformers import AutoModelForSequenceClassification
 
     hf = AutoModelForSequenceClassification.from_pretrained(model_dir).eval().to(ours.device)
@@ -205,12 +205,13 @@ def onnx_sorted(ours, batch_size):
 
 @torch.inference_mode()
 def sorted_batches(pairs, ours, batch_size, forward):
+    """`forward` run on minilm's own batches (CrossEncoder.batches: longest first, capped in pairs and padded tokens),
+    the logits copied off the device once at the end, as minilm does."""
     encodings = ours.tokenizer.encode(pairs)
-    order = sorted(range(len(pairs)), key=lambda i: -len(encodings[i].ids))
     out = np.empty(len(pairs), dtype=np.float32)
-    for start in range(0, len(pairs), batch_size):
-        idx = order[start : start + batch_size]
-        out[idx] = forward(ours.tokenizer.pad([encodings[i] for i in idx])).float().cpu().numpy().reshape(-1)
+    scored = [(idx, forward(ours.tokenizer.pad([encodings[i] for i in idx]))) for idx in ours.batches(encodings, batch_size)]
+    for idx, logits in scored:
+        out[idx] = logits.float().cpu().numpy().reshape(-1)
     return out
 
 

@@ -16,6 +16,7 @@ and the last step's lr and gradient norm.
 
 import argparse
 import json
+import signal
 import subprocess
 import sys
 import tempfile
@@ -68,22 +69,23 @@ def run_minilm(model, train_file, args, exact: bool, out: Path, *extra, masks=0,
             "grad_norms": [r["grad_norm"] for r in intervals]}
 
 
-def real_tokens(model, rows, first: int, last: int, max_length: int) -> int:
-    """Real tokens in steps first+1..last of every loop here: batches of 16 in randperm(N, seed 42 + epoch) order,
-    truncated at max_length."""
-    import torch
-
+def token_lengths(model, rows, max_length: int) -> list[int]:
+    """Tokens of each row's pair, truncated at max_length."""
     from minilm import CrossEncoder
 
     tokenizer = CrossEncoder(model, device="cpu", max_length=max_length).tokenizer
-    lengths = [len(e.ids) for e in tokenizer.encode([(r["query"], r["passage"]) for r in rows])]
-    per_epoch = -(-len(rows) // 16)
-    total = 0
-    for step in range(first, last):
-        epoch, b = divmod(step, per_epoch)
-        order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(42 + epoch)).tolist()
-        total += sum(lengths[i] for i in order[b * 16 : (b + 1) * 16])
-    return total
+    return [len(e.ids) for e in tokenizer.encode([(r["query"], r["passage"]) for r in rows])]
+
+
+def train_py_batches(n: int, steps: int) -> list[list[int]]:
+    """The rows of train.py's first `steps` batches of 16: randperm(n, seed 42 + epoch) order."""
+    import torch
+
+    per_epoch, batches = -(-n // 16), []
+    for epoch in range(-(-steps // per_epoch)):
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(42 + epoch)).tolist()
+        batches += [order[b * 16 : (b + 1) * 16] for b in range(per_epoch)]
+    return batches[:steps]
 
 
 def run_st(model, rows, args, out: Path, attention=None) -> dict:
@@ -120,12 +122,33 @@ def run_st(model, rows, args, out: Path, attention=None) -> dict:
         fp16=precision == "fp16", bf16=precision == "bf16", optim="adamw_torch", logging_steps=args.log_every,
         save_strategy="no", report_to="none", use_cpu=args.device == "cpu", disable_tqdm=True)
     trainer = CrossEncoderTrainer(model=ce, args=targs, train_dataset=data, loss=BinaryCrossEntropyLoss(ce), callbacks=[Record()])
+    # the rows of every batch the trainer takes (its sampler, not an assumption: sentence-transformers and accelerate
+    # versions differ), to count its real tokens and to check that they are train.py's batches
+    batches, row_of = [], {(r["query"], r["passage"]): i for i, r in enumerate(rows)}
+
+    class Recording:  # the trainer's collator, noting each batch's rows
+        def __init__(self, collate):
+            self.collate = collate
+
+        def __getattr__(self, name):  # its settings, e.g. valid_label_columns
+            return getattr(self.collate, name)
+
+        def __call__(self, examples):
+            batches.append([row_of[e["sentence_0"], e["sentence_1"]] for e in examples])
+            return self.collate(examples)
+
+    trainer.data_collator = Recording(trainer.data_collator)
     with sdpa_kernel(SDPBackend.EFFICIENT_ATTENTION) if attention == "efficient" else nullcontext():
         trainer.train()
     seconds = marks[args.steps] - marks[args.log_every]
-    tokens = real_tokens(model, rows, args.log_every, args.steps, args.max_length)
+    lengths, ours = token_lengths(model, rows, args.max_length), train_py_batches(len(rows), args.steps)
+    differ = next((step for step, (a, b) in enumerate(zip(batches, ours), 1) if a != b), None)
+    if differ or len(batches) < args.steps:
+        print(f"trainer: its batches are not train.py's (first difference at step {differ or len(batches) + 1}): its "
+              "losses are not comparable step for step", flush=True)
+    tokens = sum(lengths[i] for batch in batches[args.log_every : args.steps] for i in batch)
     return {"steps_per_s": (args.steps - args.log_every) / seconds, "tokens_per_s": tokens / seconds, "losses": losses,
-            "lrs": lrs, "grad_norms": grad_norms}
+            "lrs": lrs, "grad_norms": grad_norms, "same_batches": differ is None and len(batches) >= args.steps}
 
 
 def main():
@@ -144,6 +167,8 @@ def main():
                          "masks of seeds 42 to 42+K-1 and the batches of seed 42: how far losses move by dropout alone")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
+    if args.steps % args.log_every or args.steps <= args.log_every:  # the trainer logs whole intervals only
+        ap.error("--steps must be a multiple of --log-every, and more than one interval")
     tmp = Path(tempfile.mkdtemp())
     from standin import model_or_standin
 
@@ -173,17 +198,27 @@ def main():
         if args.json:
             Path(args.json).write_text(json.dumps({"args": vars(args), "results": results, "failed": failed}, indent=2))
 
+    def cut_off(signum, frame):
+        raise CutOff
+
+    signal.signal(signal.SIGTERM, cut_off)  # gpu.sh's timeout: the tables of the systems done so far still print
     for name, system, masks in runs:
         try:
             results[name] = systems[system](masks)
-            print(f"{name}: {results[name]['steps_per_s']:.3f} steps/s", flush=True)  # kept if a later system hangs
+            # kept if a later system hangs past SIGTERM
+            print(f"{name}: {results[name]['steps_per_s']:.3f} steps/s, losses", *(f"{x:.4f}" for x in results[name]["losses"]), flush=True)
             write_json()
         except ImportError as e:
             print(f"{name} skipped ({e})")
+        except CutOff:
+            print(f"{name}: cut off by SIGTERM; the systems done so far:")
+            failed.append(name)
+            break
         except Exception:  # one system failing (e.g. the trainer's datasets on the GPU image) keeps the others' numbers
             traceback.print_exc()
             print(f"{name} failed (traceback above)")
             failed.append(name)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     print(f"\n{args.steps} steps of batch 16 ({args.log_every} warm-up), {args.device}, card-like pairs, max_length {args.max_length}\n")
     print("| loop | steps/s | real tokens/s | vs exact | vs trainer | card's 23,310 steps |")
     print("|---|---|---|---|---|---|")
@@ -199,6 +234,10 @@ def main():
     print_bands(runs, results)
     write_json()
     return 1 if failed else 0
+
+
+class CutOff(BaseException):  # not an Exception: a system's own failure handling must not take it
+    pass
 
 
 def print_bands(runs, results) -> None:

@@ -263,13 +263,7 @@ class CrossEncoder:
                              f"dtype='fp16' or 'bf16' (minilm.precision) instead of converting model.model")
         self.model.eval()
         out = torch.empty(len(encodings), dtype=torch.float32)
-        lengths = [len(e.ids) for e in encodings]
-        order = sorted(range(len(encodings)), key=lambda i: -lengths[i])
-        batches, start = [], 0
-        while start < len(order):
-            n = max(1, min(batch_size, self.max_batch_tokens // lengths[order[start]]))  # the first is the longest
-            batches.append(order[start : start + n])
-            start += n
+        batches = self.batches(encodings, batch_size)
         if show_progress_bar:
             from tqdm.auto import tqdm
 
@@ -284,6 +278,18 @@ class CrossEncoder:
         for idx, logits in scored:
             out[idx] = logits.cpu()
         return out
+
+    def batches(self, encodings, batch_size: int) -> list[list[int]]:
+        """Indices of `encodings` in the batches score_encodings runs: longest first, each at most `batch_size` pairs
+        and `max_batch_tokens` padded tokens."""
+        lengths = [len(e.ids) for e in encodings]
+        order = sorted(range(len(encodings)), key=lambda i: -lengths[i])
+        batches, start = [], 0
+        while start < len(order):
+            n = max(1, min(batch_size, self.max_batch_tokens // lengths[order[start]]))  # the first is the longest
+            batches.append(order[start : start + n])
+            start += n
+        return batches
 
     def rank(self, query: str, documents, top_k: int | None = None, return_documents: bool = False, batch_size: int = 32,
              show_progress_bar: bool | None = None, activation_fn=None, apply_softmax: bool = False,
