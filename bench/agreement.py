@@ -92,8 +92,9 @@ def main():
         same = np.mean([picked[q] == top1[q] for q in qids])
         # for each query whose top passage changed: how far apart fp32 put the two passages
         gaps = [reference[position[top1[q]]] - reference[position[picked[q]]] for q in qids if picked[q] != top1[q]]
+        largest_gap = f"{max(gaps):.1e}" if gaps else "-"
         print(f"| {dtype} | {speed:.1f} | {mrr(scores):.4f} | {same:.1%} | {spearman(reference, scores):.4f} | "
-              f"{np.abs(scores - reference).max():.1e} | {f"{max(gaps):.1e}" if gaps else "-"} |")
+              f"{np.abs(scores - reference).max():.1e} | {largest_gap} |")
 
 
 if __name__ == "__main__":
