@@ -141,12 +141,22 @@ VALUE_RULES = [  # (option, test, the rule as the error says it)
 ]
 
 
+# TrainingArguments' names for these options, named in the error when one is used (not taken: their meanings differ)
+HF_NAMES = {"learning_rate": "--lr", "num_train_epochs": "--epochs", "output_dir": "--output",
+            "model_name_or_path": "--model", "train_file": "--train", "eval_file": "--eval", "logging_steps": "--log-every",
+            "save_steps": "--save-every", "eval_steps": "--eval-every", "save_total_limit": "--keep-checkpoints",
+            "resume_from_checkpoint": "--resume", "fp16": "--precision fp16", "bf16": "--precision bf16",
+            "per_device_train_batch_size": "--batch-size (the global batch, split over the processes under torchrun)",
+            "train_batch_size": "--batch-size", "warmup_steps": "--warmup-ratio (a fraction of the total steps)",
+            "max_seq_length": "--max-length"}
+
+
 def parse_config(argv) -> TrainConfig:
     """argparse built from TrainConfig: `--key value` or `--key=value` (dashes or underscores), typed, unknown keys
     refused, exit status 2 for any mistake (as for bad data)."""
     parser = cli.ArgumentParser(prog="train.py", usage="%(prog)s --train FILE --output DIR [--option VALUE ...]",
                                 description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n")[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, renamed=HF_NAMES)
     for f in fields(TrainConfig):
         parser.add_argument(f"--{f.name.replace('_', '-')}", type=OPTION_TYPES[f.type],
                             default=f.default, metavar=METAVARS[f.type], help=f"{f.metadata['help']} (default: {str(f.default).lower() if f.type is bool else repr(f.default)})")

@@ -19,12 +19,21 @@ class ArgumentParser(argparse.ArgumentParser):
       * no abbreviations: a typo (--epoch) is not taken for another option (--epochs);
       * `--batch_size` for `--batch-size`, as Hugging Face's argument parser takes;
       * a negative number as an option's value (`--lr -1e-5`, which argparse takes for an option, as it reads only
-        `-1` and `-.5` as numbers), so that the option's own rule says what is wrong with it."""
+        `-1` and `-.5` as numbers), so that the option's own rule says what is wrong with it;
+      * `renamed`: what other tools call an option ({"learning_rate": "--lr"}), named in the error when it is used
+        here (a hint, never an alias: `per_device_train_batch_size` is not the global `--batch-size`)."""
 
-    def __init__(self, *args, **kwargs):
+    def __init__(self, *args, renamed: dict | None = None, **kwargs):
         super().__init__(*args, allow_abbrev=False, **kwargs)
+        self.renamed = renamed or {}
 
     def error(self, message):
+        if message.startswith("unrecognized arguments: "):
+            for arg in message.removeprefix("unrecognized arguments: ").split():
+                name = arg.partition("=")[0].lstrip("-").replace("-", "_")
+                if arg.startswith("--") and name in self.renamed:
+                    message += f"; for Hugging Face's --{name}, use {self.renamed[name]}"
+                    break
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
     def parse_known_args(self, args=None, namespace=None):

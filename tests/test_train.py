@@ -301,6 +301,16 @@ def test_underscored_options_are_accepted(tmp_path, train_inprocess):
     assert code == 2 and "none.jsonl: cannot open" in err, err  # the options parsed; the missing file stopped it
 
 
+@pytest.mark.parametrize("hf_option, ours", [("--learning_rate=2e-5", "use --lr"), ("--num_train_epochs", "use --epochs"),
+                                             ("--fp16", "use --precision fp16"), ("--output-dir", "use --output")])
+def test_hugging_face_option_names_are_pointed_to_ours(tmp_path, train_inprocess, hf_option, ours):
+    """Not taken (TrainingArguments' per-device batch is not the global --batch-size): the error names the option."""
+    code, err = train_inprocess("--train", tmp_path / "t.jsonl", "--output", tmp_path / "out", hf_option, "3")
+    name = hf_option.partition("=")[0].lstrip("-").replace("-", "_")
+    assert code == 2 and err.startswith("train.py: error: unrecognized arguments: ") and \
+        f"; for Hugging Face's --{name}, {ours} (see train.py --help)" in err, err
+
+
 # ------------------------------------------------------------------------------------- a reused --output folder
 def short_run(model, output, *extra):
     return ["--model", model, "--train", PAIRS, "--output", output, "--batch-size", 8, "--max-steps", 2, "--max-length", 16,
