@@ -149,7 +149,7 @@ class CrossEncoder:
         if num_labels not in (None, 1):
             raise ValueError(f"num_labels={num_labels!r}: minilm's cross-encoder has a 1-logit head")
         if activation_fn is not None:
-            activation_module(activation_fn)  # ValueError now for an unknown name, not at the first predict
+            self.activation_fn = activation_fn  # ValueError now for an unknown name, not at the first predict
         self.precision = precisions.parse(dtype)  # "fp32", or what minilm.precision converts the model to
         if device is None:
             device = "cuda" if torch.cuda.is_available() and self.precision != "int8" else "cpu"  # int8: CPUs only
@@ -169,8 +169,8 @@ class CrossEncoder:
             model = CrossEncoderModel(config)
         load_weights(model, read_state_dict(folder), folder)
         self.model = precisions.convert(model.to(device).eval(), self.precision, packed)
-        # the default activation of predict and rank, saved by save_pretrained
-        self.activation = default_activation(self.hf_config) if activation_fn is None else activation_fn
+        if activation_fn is None:  # the default activation of predict and rank, saved by save_pretrained
+            self.activation = default_activation(self.hf_config)
 
     @classmethod
     def from_pretrained(cls, model_name_or_path, **options) -> "CrossEncoder":
