@@ -141,7 +141,8 @@ VALUE_RULES = [  # (option, test, the rule as the error says it)
 ]
 
 
-# TrainingArguments' names for these options, named in the error when one is used (not taken: their meanings differ)
+# Hugging Face's names for these options (TrainingArguments, its example scripts), named in the error when one is
+# used: hints, not aliases (their meanings differ)
 HF_NAMES = {"learning_rate": "--lr", "num_train_epochs": "--epochs", "output_dir": "--output",
             "model_name_or_path": "--model", "train_file": "--train", "eval_file": "--eval", "logging_steps": "--log-every",
             "save_steps": "--save-every", "eval_steps": "--eval-every", "save_total_limit": "--keep-checkpoints",
