@@ -64,6 +64,10 @@ def _check_dir(path: Path) -> Path:
         found = ", ".join(sorted(p.name for p in path.iterdir())) or "nothing"
         raise CheckpointError(f"{path}: not a checkpoint directory (no config.json; found {found})")
     if not any((path / f).exists() for f in WEIGHT_FILES):
+        index = next(iter(sorted(path.glob("*.index.json"))), None)
+        if index is not None:
+            raise CheckpointError(f"{path}: sharded weights ({index.name}) are not supported; save them as one "
+                                  f"model.safetensors (save_pretrained(..., max_shard_size='1GB') in transformers)")
         raise CheckpointError(f"{path}: no model.safetensors or pytorch_model.bin")
     return path
 

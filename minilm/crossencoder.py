@@ -36,7 +36,11 @@ def default_activation(hf_config: dict) -> str:
     logits), then Sigmoid for a 1-label model. A config.json names code to run, so only a module class of
     torch.nn.modules that maps (N, 1) logits to (N, 1) scores is used (vLLM's rule for the same key, for security);
     anything else gets a warning and Sigmoid, the default (ST would import any torch.* path)."""
-    path = (hf_config.get("sentence_transformers") or {}).get("activation_fn") or hf_config.get("sbert_ce_default_activation_function")
+    block = hf_config.get("sentence_transformers")
+    if isinstance(block, dict) and "activation_fn" in block:  # even null: ST then takes Sigmoid, not the legacy key
+        path = block["activation_fn"]
+    else:
+        path = hf_config.get("sbert_ce_default_activation_function")
     if path is None:
         return SIGMOID
     try:
@@ -75,11 +79,13 @@ def activation_from_path(path) -> torch.nn.Module:
 def activation_module(activation) -> torch.nn.Module | None:
     """None for Identity; otherwise a callable. Accepts a module/function, 'sigmoid', 'identity' or the path of a
     torch.nn module class (ValueError for anything else)."""
-    if callable(activation):
-        return activation
-    path = {"sigmoid": SIGMOID, "identity": IDENTITY}.get(str(activation).lower(), activation)
-    fn = activation_from_path(path)
-    return None if isinstance(fn, torch.nn.Identity) else fn
+    if not callable(activation):
+        activation = activation_from_path({"sigmoid": SIGMOID, "identity": IDENTITY}.get(str(activation).lower(), activation))
+    if isinstance(activation, torch.nn.Identity):
+        return None
+    if isinstance(activation, torch.nn.Module):
+        activation.eval()  # as in sentence-transformers' predict: a Dropout or RReLU then gives the same scores each call
+    return activation
 
 
 def activation_path(activation) -> str:

@@ -47,8 +47,14 @@ class Config:
     def from_hf(cls, hf: dict, source: str = "config.json") -> "Config":
         """Read a Hugging Face BERT `config.json` dict; refuse what this model does not implement or what is not a
         value of the right type and range (ValueError naming `source` and the key), before any tensor is built."""
-        if hf.get("model_type", "bert") != "bert":
-            raise ValueError(f"{source} has model_type {hf['model_type']!r}; only 'bert' checkpoints are supported")
+        if hf.get("model_type") != "bert":  # transformers too refuses a config.json without one
+            got = f"model_type {hf['model_type']!r}" if "model_type" in hf else "no model_type"
+            raise ValueError(f"{source} has {got}; only 'bert' checkpoints are supported")
+        for name in ("hidden_size", "num_hidden_layers", "intermediate_size"):
+            if name not in hf:  # the defaults below are MiniLM-L6's; transformers would take BERT-base's (768, 12, 3072)
+                raise ValueError(f"{source} has no {name}; transformers and minilm would read different defaults")
+        if hf.get("pruned_heads"):
+            raise ValueError(f"{source} has pruned_heads; attention with pruned heads is not implemented")
         if hf.get("hidden_act", "gelu") not in ("gelu", "gelu_python"):  # both are transformers' exact erf GELU
             raise ValueError(f"{source} has hidden_act {hf['hidden_act']!r}; only exact 'gelu' is implemented")
         for name in ("is_decoder", "add_cross_attention"):  # a causal mask or cross-attention layers: another model

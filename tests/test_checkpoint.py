@@ -326,6 +326,9 @@ def test_folder_without_weights(standin_dir, tmp_path):
     shutil.copyfile(standin_dir / "config.json", folder / "config.json")
     with pytest.raises(CheckpointError, match="model.safetensors"):
         CrossEncoder.from_pretrained(folder, device="cpu")
+    (folder / "model.safetensors.index.json").write_text('{"weight_map": {}}')  # shards: named as such, not "no weights"
+    with pytest.raises(CheckpointError, match=r"sharded weights \(model\.safetensors\.index\.json\) are not supported"):
+        CrossEncoder.from_pretrained(folder, device="cpu")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -333,19 +336,22 @@ def test_folder_without_weights(standin_dir, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "new_key, legacy_key, expected",
+    "block, legacy_key, expected",
     [
         (None, IDENTITY, IDENTITY),  # the ms-marco base / the stand-in: legacy key only
-        (IDENTITY, None, IDENTITY),  # what ST 5.1.0 and minilm write
-        (SIGMOID, IDENTITY, SIGMOID),  # config.json["sentence_transformers"] wins over the legacy key
+        ({"activation_fn": IDENTITY, "version": "5.1.0"}, None, IDENTITY),  # what ST 5.1.0 and minilm write
+        ({"activation_fn": SIGMOID}, IDENTITY, SIGMOID),  # config.json["sentence_transformers"] wins over the legacy key
         (None, SIGMOID, SIGMOID),
         (None, None, SIGMOID),  # neither: Sigmoid, ST's default for a 1-label model
+        ({"activation_fn": None}, IDENTITY, SIGMOID),  # there but null: ST's default, not the legacy key
+        ({"version": "5.1.0"}, IDENTITY, IDENTITY),  # a block without the key: the legacy key
+        ("x", IDENTITY, IDENTITY),  # not an object: ignored, as ST 5.1 does
     ],
 )
-def test_default_activation(standin_dir, standin_config, tiny, tmp_path, new_key, legacy_key, expected):
+def test_default_activation(standin_dir, standin_config, tiny, tmp_path, block, legacy_key, expected):
     config = {k: v for k, v in standin_config.items() if k != "sbert_ce_default_activation_function"}
-    if new_key:
-        config["sentence_transformers"] = {"activation_fn": new_key, "version": "5.1.0"}
+    if block is not None:
+        config["sentence_transformers"] = block
     if legacy_key:
         config["sbert_ce_default_activation_function"] = legacy_key
     model = CrossEncoder.from_pretrained(make_variant(standin_dir, tmp_path / "act", config=config), device="cpu")
@@ -423,6 +429,19 @@ def test_activation_from_config_json_must_be_a_torch_nn_module_class(standin_dir
     if isinstance(path, str):  # the same paths from the caller: refused outright
         with pytest.raises(ValueError, match="activation"):
             model.predict(pairs, activation=path)
+
+
+def test_activation_modules_score_in_eval_mode(standin_dir, standin_config, tiny, tmp_path):
+    """sentence-transformers' predict puts its activation in eval mode: a Dropout from config.json passes the logits
+    through, and an RReLU given by the caller takes its fixed eval slope, the same scores on every call."""
+    pairs, gold = tiny
+    config = dict(standin_config, sentence_transformers={"activation_fn": "torch.nn.modules.dropout.Dropout"})
+    model = CrossEncoder.from_pretrained(make_variant(standin_dir, tmp_path / "act", config=config), device="cpu")
+    assert max_diff(model.predict(pairs), gold) <= TOL and max_diff(model.predict(pairs), gold) <= TOL
+    rrelu = torch.nn.RReLU()  # in training mode, as built
+    slope = (rrelu.lower + rrelu.upper) / 2
+    for _ in range(2):
+        assert max_diff(model.predict(pairs, activation_fn=rrelu), np.where(gold < 0, slope * gold, gold)) <= TOL
 
 
 def test_activation_by_short_torch_nn_path(standin_dir, standin_config, tiny, tmp_path):

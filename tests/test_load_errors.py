@@ -120,6 +120,7 @@ def test_damaged_pytorch_model_bin(standin_dir, tmp_path, capsys, data, problem)
         ("add_cross_attention", True, "has add_cross_attention true; only a BERT encoder (false) is implemented"),
         ("type_vocab_size", 1, "type_vocab_size must be at least 2 (the passage is segment 1), got 1"),
         ("vocab_size", 30000, "the tokenizer has 30522 tokens, more than vocab_size 30000"),
+        ("pruned_heads", {"0": [1]}, "has pruned_heads; attention with pruned heads is not implemented"),
     ],
 )
 def test_config_value_of_the_wrong_type_or_range(standin_dir, config, tmp_path, capsys, key, value, problem):
@@ -127,6 +128,17 @@ def test_config_value_of_the_wrong_type_or_range(standin_dir, config, tmp_path, 
     with pytest.raises(ValueError) as err:
         CrossEncoder.from_pretrained(folder, device="cpu")
     assert str(err.value).startswith(str(folder / "config.json")) and problem in str(err.value)
+    assert problem in one_line_cli_error(capsys, folder)
+
+
+@pytest.mark.parametrize("key", ["model_type", "hidden_size", "num_hidden_layers", "intermediate_size"])
+def test_config_without_a_key_transformers_would_default_otherwise(standin_dir, config, tmp_path, capsys, key):
+    """Without num_hidden_layers transformers builds BERT-base's 12 layers (6 of them random) where minilm's default
+    is MiniLM-L6's 6: a silently different model. Without model_type transformers refuses the folder. So minilm does."""
+    folder = variant(standin_dir, tmp_path / "bad", {"config.json": json.dumps({k: v for k, v in config.items() if k != key})})
+    problem = f"config.json has no {key}"
+    with pytest.raises(ValueError, match=problem):
+        CrossEncoder.from_pretrained(folder, device="cpu")
     assert problem in one_line_cli_error(capsys, folder)
 
 
