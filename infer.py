@@ -21,6 +21,7 @@ are instant and the time to the first score is the time to load the model.
 import argparse
 import contextlib
 import fcntl
+import hashlib
 import io
 import itertools
 import json
@@ -224,8 +225,9 @@ def score_file(args) -> int:
 
     fmt = detect_format(args.input, args.format, "--format")
     check_output(args.output, fmt)
-    total = None  # stdin and pipes (--input <(zcat pairs.jsonl.gz)) can be read only once: rows are checked as scored
+    total = before = None  # stdin and pipes (--input <(zcat pairs.jsonl.gz)) can be read only once: rows are checked as scored
     if args.input != "-" and not is_pipe(args.input):
+        before = file_state(args.input)
         total = sum(1 for _ in iter_pairs(args.input, fmt))  # a bad row fails here, instantly, before the model loads
     model = load_model(args)
 
@@ -234,7 +236,32 @@ def score_file(args) -> int:
         for chunk, encodings in tokenized(model, chunked(iter_pairs(args.input, fmt), CHUNK_ROWS), args.input):
             score_chunk(model, chunk, encodings, writer, args)
             bar.update(len(chunk))
+        if before is not None:
+            check_unchanged(args.input, before)
     return 0
+
+
+def file_state(path: str) -> tuple | None:
+    """A file's size and modification time, to tell whether it changed between its check and its last row scored
+    (None if it cannot be read: reading it says why)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_size, info.st_mtime_ns
+
+
+def check_unchanged(path: str, before: tuple | None) -> None:
+    if file_state(path) != before:  # rows added or edited meanwhile: what was checked, counted, shared is not what was read
+        raise UsageError(f"--input {path}: the file changed while it was being scored; score a copy of it")
+
+
+def file_digest(path: str) -> str:
+    with open(path, "rb") as f:
+        digest = hashlib.blake2b()
+        while block := f.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def tokenized(model, chunks, path: str):
@@ -309,7 +336,11 @@ def check_output(output: str, fmt: str) -> None:
         raise UsageError(f"--output {output}: cannot write to the directory {str(path.parent)!r}")
     if path.exists() and not os.access(path, os.W_OK):  # a rename would replace it all the same; `>` would not
         raise UsageError(f"--output {output}: the file is read-only")
+    from minilm.data import COMPRESSED
+
     suffix = path.suffix.lower().lstrip(".")
+    if suffix in COMPRESSED:
+        raise UsageError(f"--output {output}: the output is plain text; to compress it, pipe it: --output - | gzip > {output}")
     suffix = "jsonl" if suffix in ("json", "ndjson") else suffix
     if suffix in FORMAT_CHOICES and suffix != fmt:
         raise UsageError(f"--output {output}: the output keeps the input's format ({fmt}); give it a .{fmt} name")
@@ -474,7 +505,9 @@ class Shards:
                 raise UsageError(f"--input {args.input}: under torchrun every process reads the input; give a file")
             if self.rank == 0:
                 check_output(args.output, fmt)
-            return fmt, sum(1 for _ in iter_pairs(args.input, fmt))  # a bad row fails here, before the model loads
+            before = file_state(args.input)
+            total = sum(1 for _ in iter_pairs(args.input, fmt))  # a bad row fails here, before the model loads
+            return fmt, total, before, file_digest(args.input)
 
         def load():
             import torch
@@ -484,7 +517,14 @@ class Shards:
                 torch.cuda.set_device(args.device)  # else pinned host buffers make a context on GPU 0 in every process
             return load_model(args)
 
-        fmt, total = self.agree(check_input)
+        fmt, total, before, digest = self.agree(check_input)
+        inputs = [None] * self.world
+        self.collective(self.dist.all_gather_object, inputs, (total, digest))
+        if len(set(inputs)) > 1:  # "the same path on every machine" is not the same file on every machine
+            self.stopped = True
+            rows = ", ".join(f"process {r}: {n} rows" for r, (n, _) in enumerate(inputs))
+            raise ShardError(2, f"--input {args.input}: the processes read different files ({rows}); every process "
+                                "must read the same file")
         model = self.agree(load)
         mine = tokenized(model, itertools.islice(chunked(iter_pairs(args.input, fmt), CHUNK_ROWS), self.rank, None, self.world),
                          args.input)
@@ -505,6 +545,7 @@ class Shards:
                 if self.rank == 0:  # failing to write is process 0's own error: it reports it, the others lose it
                     out.writelines(texts)
                     bar.update(min(total, (first + self.world) * CHUNK_ROWS) - first * CHUNK_ROWS)
+            self.agree(lambda: check_unchanged(args.input, before))  # rows added meanwhile would be left out
             self.collective(self.dist.barrier)  # no process leaves (closing its connections) before its lines are in
         return 0
 

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 FORMATS = ("jsonl", "tsv", "csv")
+COMPRESSED = ("gz", "bz2", "xz", "zst", "zip", "lz4")  # read and written as plain text only
 TEXT_FIELDS = (("query", "passage"), ("sentence_0", "sentence_1"))
 # The csv module's default field limit, 128 Ki characters, refuses long passages; no limit would let one stray quote
 # pull the rest of a big file into memory before the error
@@ -61,6 +62,9 @@ def detect_format(path: str, fmt: str | None = None, option: str = "") -> str:
     if path == "-":
         return "jsonl"
     suffix = Path(path).suffix.lower().lstrip(".")
+    if suffix in COMPRESSED:
+        raise DataError(f"{path}: a compressed file; decompress it first, or read it through a pipe: "
+                        f"<(zcat {path}) with the format given{f' ({option})' if option else ''}")
     if suffix in ("jsonl", "json", "ndjson"):
         return "jsonl"
     if suffix in ("tsv", "csv"):
@@ -79,7 +83,10 @@ def text_lines(path: str):
         raise DataError(f"{path}: cannot open: {e.strerror}") from None
     try:
         for n, raw in enumerate(f, start=1):
-            if n == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            if raw.startswith(b"\xef\xbb\xbf"):
+                if n > 1:
+                    raise DataError(f"{name}:{n}: a byte-order mark starts this line, as where files were concatenated; "
+                                    "remove it")
                 raw = raw[3:]
             if n == 1 and b"\n" not in raw and b"\r" in raw.rstrip(b"\r"):  # the whole file is one "line"
                 raise DataError(f"{name}:1: lines end in a carriage return alone (classic Mac line breaks); convert them "
@@ -93,6 +100,7 @@ def text_lines(path: str):
             f.close()
 
 
+CSV_SPACE_QUOTE = re.compile(r'[ \t]+"')
 JSON_WHITESPACE = " \t\r\n"
 JSON_SPACE = re.compile(f"[{JSON_WHITESPACE}]*")
 
@@ -115,7 +123,7 @@ def read_rows(path: str, fmt: str):
                 row = json.loads(line, parse_constant=not_json, parse_float=finite_float, parse_int=json_int,
                                  object_pairs_hook=unique_keys)
             except json.JSONDecodeError as e:
-                raise DataError(f"{name}:{n}: malformed JSON ({e.msg} at column {e.colno})") from None
+                raise DataError(f"{name}:{n}: malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno})") from None
             except ValueError as e:
                 raise DataError(f"{name}:{n}: {e}") from None
             except RecursionError:
@@ -147,6 +155,13 @@ def read_rows(path: str, fmt: str):
             continue
         if len(values) != len(header):
             raise DataError(f"{name}:{n}: expected {len(header)} fields ({', '.join(header)}), got {len(values)}")
+        if values == header:
+            raise DataError(f"{name}:{n}: repeats the header, as where files were concatenated; remove it")
+        if fmt == "csv":
+            for column, value in zip(header, values):
+                if CSV_SPACE_QUOTE.match(value):  # `a, "b,c"`: the csv module reads ` "b` and `c"`, two fields
+                    raise DataError(f"{name}:{n}: field {shorten(column)!r} is a space and then a quote; a quoted CSV "
+                                    "field starts right after the comma: remove the space")
         yield n, dict(zip(header, values)), None
 
 

@@ -6,6 +6,8 @@ rounds), and two hooks around the scoring of a chunk (infer.score_chunk), set by
                               itself with SIGKILL (HOW=kill)
   SHARD_TEST_STALL=R:TEXT     process R, about to score the passage TEXT, sleeps 120 s
   SHARD_TEST_AHEAD=1          tokenize the next chunk in a worker thread (infer.TOKENIZE_AHEAD)
+  SHARD_TEST_APPEND=R:TEXT    process R, about to score the passage TEXT, appends a copy of that row to the input
+  SHARD_TEST_INPUT_1=PATH     process 1 reads PATH where the command line says --input (as if on another machine)
 """
 
 import os
@@ -29,6 +31,10 @@ def hooked_score_chunk(model, chunk, *args):
     stall_rank, stall_text = (os.environ.get("SHARD_TEST_STALL") or ":").split(":", 1)
     if stall_rank == rank and any(pair.passage == stall_text for pair in chunk):
         time.sleep(120)
+    append_rank, append_text = (os.environ.get("SHARD_TEST_APPEND") or ":").split(":", 1)
+    if append_rank == rank and any(pair.passage == append_text for pair in chunk):
+        with open(sys.argv[sys.argv.index("--input") + 1], "a", encoding="utf-8") as f:
+            f.write(next(pair.source for pair in chunk if pair.passage == append_text) + "\n")
     if crash_rank == rank and any(pair.passage == text for pair in chunk):
         if how == "kill":
             os.kill(os.getpid(), signal.SIGKILL)
@@ -40,4 +46,6 @@ def hooked_score_chunk(model, chunk, *args):
 
 
 infer.score_chunk = hooked_score_chunk
+if os.environ["RANK"] == "1" and "SHARD_TEST_INPUT_1" in os.environ:
+    sys.argv[sys.argv.index("--input") + 1] = os.environ["SHARD_TEST_INPUT_1"]
 sys.exit(infer.main())

@@ -419,6 +419,25 @@ def test_bad_row_after_scored_chunks_leaves_no_output(standin, tmp_path, monkeyp
     assert list(tmp_path.iterdir()) == []  # neither the output nor the temporary file
 
 
+def test_rows_added_while_scoring_are_an_error(standin, tmp_path, monkeypatch, capsys):
+    """A file that grows (or is edited) while it is scored: what was checked and counted is not what was scored."""
+    monkeypatch.setattr(infer, "CHUNK_ROWS", 2)
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(src, "jsonl", [{"query": q, "passage": p} for q, p in PAIRS])
+    score_chunk = infer.score_chunk
+
+    def score_and_append(model, chunk, *args):
+        with open(src, "a", encoding="utf-8") as f:
+            f.write(chunk[0].source + "\n")
+        return score_chunk(model, chunk, *args)
+
+    monkeypatch.setattr(infer, "score_chunk", score_and_append)
+    rc, _, err = run(capsys, "--model", standin, "--device", "cpu", "--input", src, "--output", dst)
+    assert rc == 2
+    assert_one_line_error(err, f"--input {src}", "the file changed while it was being scored")
+    assert list(tmp_path.iterdir()) == [src]
+
+
 def test_bad_row_on_stdin_prints_nothing_to_stdout(standin, monkeypatch, capsys):
     monkeypatch.setattr(infer, "CHUNK_ROWS", 1)
     monkeypatch.setattr(sys, "stdin", stdin('{"query": "q", "passage": "p"}\nnot json\n'))
@@ -642,6 +661,17 @@ BAD_INPUTS = {
                       "lines end in a carriage return alone"),
     "cr-only-tsv": ("in.tsv", "query\tpassage\rq\tp\r", ":1", "lines end in a carriage return alone"),
     "cr-only-csv": ("in.csv", "query,passage\rq,p\r", ":1", "lines end in a carriage return alone"),
+    "control-character": ("in.jsonl", '{"query": "q", "passage": "p\x00x"}\n', ":1",
+                          "malformed JSON (Invalid control character at column 29)"),
+    # concatenated files: a second byte-order mark or header is not a row
+    "bom-mid-file": ("in.jsonl", '{"query": "q", "passage": "p"}\n\ufeff{"query": "q", "passage": "p"}\n', ":2",
+                     "a byte-order mark starts this line, as where files were concatenated"),
+    "header-again": ("in.tsv", "query\tpassage\nq\tp\nquery\tpassage\nq\tp\n", ":3",
+                     "repeats the header, as where files were concatenated"),
+    # the csv module reads `q, "a,b"` as the fields `q`, ` "a`, `b"`: with a third column, silently
+    "csv-space-before-quote": ("in.csv", 'query,passage,label\nq, "a,b"\n', ":2",
+                               "field 'passage' is a space and then a quote; a quoted CSV field starts right after the comma"),
+    "compressed": ("in.jsonl.gz", b"\x1f\x8b\x08\x00", "", "a compressed file; decompress it first, or read it through a pipe"),
     "deep-nesting": ("in.jsonl", '{"query": "q", "passage": "p", "x": ' + "[" * 100000 + "]" * 100000 + "}\n", ":1",
                      "nested too deeply"),
 }
@@ -706,7 +736,8 @@ def test_failed_stream_leaves_existing_output_untouched(standin, tmp_path, monke
 
 
 @pytest.mark.parametrize("output, problem", [("out.tsv", "keeps the input's format"), ("nodir/out.jsonl", "no such directory"),
-                                             (".", "is a directory"), ("new/", "names a folder")])
+                                             (".", "is a directory"), ("new/", "names a folder"),
+                                             ("out.jsonl.gz", "the output is plain text; to compress it, pipe it")])
 def test_bad_output(tmp_path, monkeypatch, capsys, output, problem):
     monkeypatch.setattr(infer, "load_model", no_load)
     src = tmp_path / "in.jsonl"

@@ -141,6 +141,40 @@ def test_bad_input_stops_both_processes(standin_dir, tmp_path, case):
     assert dst.read_text() == "precious\n" and sorted(tmp_path.iterdir()) == before
 
 
+@pytest.mark.parametrize("rows", ["same-count", "more-rows"])
+def test_processes_that_read_different_files_stop(standin_dir, tmp_path, rows):
+    """--input names a path; on several machines it may hold different files. Each process scores its share of its
+    own copy: with the same row count the output would silently mix the two, with another count process 0 would wait
+    10 minutes for the other. The processes compare their files' row counts and digests first."""
+    src, other, dst = tmp_path / "in.jsonl", tmp_path / "other.jsonl", tmp_path / "out.jsonl"
+    write_input(src, "jsonl", ROWS)
+    changed = [dict(r) for r in ROWS] + ([dict(ROWS[0])] if rows == "more-rows" else [])
+    changed[20]["passage"] = "another passage"
+    write_input(other, "jsonl", changed)
+    start = time.monotonic()
+    done = torchrun("--model", standin_dir, *QUICK, "--input", src, "--output", dst,
+                    env_extra={"SHARD_TEST_INPUT_1": str(other)})
+    assert done.returncode != 0 and time.monotonic() - start < 90
+    assert_both_failed(done.stderr)
+    counts = f"process 0: 25 rows, process 1: {len(changed)} rows"
+    assert_one_line_error("\n".join(infer_lines(done.stderr)), f"--input {src}", f"the processes read different files ({counts})")
+    assert not dst.exists()
+
+
+def test_rows_added_while_scoring_stop(standin_dir, tmp_path):
+    """The rounds are counted before scoring: rows appended meanwhile would be left out of the output. An input that
+    changes while it is scored is an error, under torchrun as in one process."""
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(src, "jsonl", ROWS)
+    dst.write_text("precious\n")
+    done = torchrun("--model", standin_dir, *QUICK, "--input", src, "--output", dst,
+                    env_extra={"SHARD_TEST_APPEND": f"0:{ROWS[0]['passage']}"})
+    assert done.returncode != 0
+    assert_both_failed(done.stderr)
+    assert_one_line_error("\n".join(infer_lines(done.stderr)), f"--input {src}", "the file changed while it was being scored")
+    assert dst.read_text() == "precious\n" and sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
+
+
 def test_standard_input_is_refused(standin_dir, tmp_path):
     done = torchrun("--model", standin_dir, *QUICK, "--input", "-", "--output", tmp_path / "out.jsonl")
     assert_both_failed(done.stderr)
