@@ -235,6 +235,12 @@ class CrossEncoder:
         for i, pair in enumerate(pairs):
             if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
                 raise TypeError(f"pair {i} must be a (query, passage) tuple of two strings, got {pair!r}")
+            for name, text in zip(("query", "passage"), pair):
+                try:  # the tokenizer refuses a lone surrogate only where it reads: in the part kept after truncation
+                    text.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise ValueError(f"pair {i}: the {name} is not Unicode text (a lone surrogate {text[e.start]!r} "
+                                     f"at character {e.start})") from None
         scores = self.activate(self.score_logits(pairs, batch_size, show_progress_bar),
                                activation if activation is not None else activation_fn)
         if not convert_to_tensor:

@@ -403,6 +403,19 @@ def test_rank_refuses_what_it_would_get_silently_wrong(standin_model):
         standin_model.rank("where is paris", "abc")
 
 
+def test_a_lone_surrogate_is_refused_wherever_it_is(standin_model):
+    """The tokenizer refuses a lone surrogate (not Unicode text) only in the part of a text it reads, the part kept
+    after truncation: one past it was scored, and whether it was read depended on the other text's length."""
+    standin_model.max_length = 16
+    try:
+        for pair, name, at in [(("q", "word " * 100 + "\ud800"), "passage", 500), (("q\udfff", "p"), "query", 1)]:
+            with pytest.raises(ValueError, match=rf"pair 1: the {name} is not Unicode text \(a lone surrogate "
+                                                 rf"'\\ud[8f]\w\w' at character {at}\)"):
+                standin_model.predict([("q", "p"), pair])
+    finally:
+        standin_model.max_length = 512
+
+
 def test_rank_orders_by_logits_where_a_sigmoid_saturates(standin_model):
     """fp32's sigmoid is 1.0 for every logit above ~17: ranking by those scores alone would put the passages in input
     order (sentence-transformers does); equal scores are ordered by their logits."""
