@@ -43,6 +43,7 @@ NCCL on GPUs, gloo on CPUs. Only rank 0 logs, evaluates and saves; each rank sav
 """
 
 import argparse
+import fcntl
 import json
 import math
 import os
@@ -96,7 +97,7 @@ class TrainConfig:
     precision: str = option("auto", "auto: fp16 on CUDA (the card's); on a CPU bf16 in the fast loop where the CPU has "
                                      "native bf16 (AVX512-BF16/AMX: ~1.8x the speed of fp32 there), else fp32. Or fp32, "
                                      "fp16 (autocast + GradScaler; CUDA only), bf16 (autocast; CUDA or native-bf16 CPUs)")
-    max_length: int = option(0, "tokens per pair including [CLS] and 2x[SEP]; 0 = the checkpoint's (512)")
+    max_length: int = option(0, "tokens per pair including [CLS] and 2x[SEP]; 0 = the checkpoint's (512 for MiniLM-L6)")
     log_every: int = option(500, "log the mean loss every N steps (and the rest at the end)")
     eval_every: int = option(0, "0 = evaluate only at the end")
     save_every: int = option(0, "write a checkpoint every N steps; 0 = none")
@@ -252,8 +253,10 @@ if earlier and not holds_a_run and (cfg.resume == "latest" or cfg.overwrite_outp
         f"nothing to {'resume' if cfg.resume else 'start over'}, nothing deleted; choose another folder")
 if earlier and not (cfg.resume or cfg.overwrite_output):
     die(f"--output {out} is not empty ({listed}); "
-        + ("pass --resume latest to continue the run there, --overwrite-output true to start over (deletes its model, "
-           "logs and checkpoints; other files stay), or choose another folder" if holds_a_run else "choose another folder"))
+        + ("pass --resume latest to continue the run there, " if checkpoints(out) else
+           "it holds a run that saved no checkpoint to resume from; " if holds_a_run else "")
+        + ("--overwrite-output true to start over (deletes its model, logs and checkpoints; other files stay), or "
+           "choose another folder" if holds_a_run else "choose another folder"))
 
 # -------------------------------------------------------------------------------------------- processes and device
 ddp = "RANK" in os.environ  # set by torchrun
@@ -315,9 +318,14 @@ epochs = math.ceil(total_steps / steps_per_epoch)
 # always trains the same model (the Trainer's seed comes after the model, so there the head is drawn unseeded)
 torch.manual_seed(cfg.seed)
 try:
-    ce = CrossEncoder.from_pretrained(cfg.model, device=device, max_length=cfg.max_length or None)
+    ce = CrossEncoder.from_pretrained(cfg.model, device=device)
 except (CheckpointError, ValueError, OSError) as e:
     die(e)
+if cfg.max_length:
+    try:
+        ce.max_length = cfg.max_length
+    except ValueError as e:  # more than the model's position embeddings
+        die(f"--max-length {cfg.max_length}: {e}")
 model = ce.model  # fp32 parameters; autocast lowers the precision of the forward only
 if ce.source_dir is not None and out.resolve() in (ce.source_dir.resolve(), *ce.source_dir.resolve().parents):
     die(f"--output {out} holds the --model folder {ce.source_dir}: saving would overwrite the model trained from; "
@@ -430,7 +438,18 @@ def diverged(what):
     sys.exit(1)
 
 
+def save_failed(what, error, lost=""):
+    """A full disk (or another I/O error) while saving: one line saying what is kept to resume from; exit status 1."""
+    kept = checkpoints(out, run_info)
+    resume = f"the last complete checkpoint, {kept[-1].name}, is kept: --resume latest continues from it" if kept else \
+        "no checkpoint to resume from"
+    print(f"train.py: error: {what} failed ({str(error).splitlines()[0]}); {lost}{resume}", file=sys.stderr)
+    sys.exit(1)
+
+
 def save_checkpoint(step):
+    global t_log
+    started = time.time()
     stop_if_diverged()
     final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
     loss_sum, tokens = interval_totals()  # a log interval may straddle the checkpoint
@@ -453,11 +472,7 @@ def save_checkpoint(step):
                                                     "interval": pending})
     except OSError as e:  # a full disk
         shutil.rmtree(tmp, ignore_errors=True)
-        kept = checkpoints(out, run_info)
-        print(f"train.py: error: writing checkpoint {final} failed ({str(e).splitlines()[0]}); "
-              f"{f'the last complete one, {kept[-1].name}, is kept' if kept else 'no earlier checkpoint to keep'}",
-              file=sys.stderr)
-        sys.exit(1)
+        save_failed(f"writing checkpoint {final}", e)
     if ddp:
         dist.barrier()
     if master:
@@ -466,6 +481,7 @@ def save_checkpoint(step):
         fsync(out)
         for old in checkpoints(out, run_info)[: -cfg.keep_checkpoints]:  # never another run's
             shutil.rmtree(old)
+    t_log += time.time() - started  # the open log interval's tokens/s is the training's, without the saving
 
 
 def json_line(entry) -> str:
@@ -489,7 +505,8 @@ if cfg.resume:
     if isinstance(saved.get("model"), str):
         saved["model"] = model_id(saved["model"])  # checkpoints of earlier versions hold it as it was written
     # a key an earlier version did not save (log_every) does not stop its checkpoints from resuming
-    changed = [f"{k} {saved[k]!r} -> {v!r}" for k, v in run_info.items() if k in saved and saved[k] != v]
+    changed = [f"the training data's content (sha256 {saved[k][:12]}... -> {v[:12]}...)" if k == "train_sha256" else
+               f"{k} {saved[k]!r} -> {v!r}" for k, v in run_info.items() if k in saved and saved[k] != v]
     if changed:
         die(f"--resume: this run differs from the checkpoint's ({'; '.join(changed)}); exact resumption needs the same "
             "data and settings")
@@ -530,6 +547,14 @@ if cfg.resume:
 if master:
     try:
         out.mkdir(parents=True, exist_ok=True)
+        lock = os.open(out, os.O_RDONLY)  # held until this process ends, however it ends
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:  # two runs in one folder would mix their logs, checkpoints and models
+            die(f"--output {out}: another train.py is writing there now (a run still going, or the processes of a "
+                "killed torchrun); wait for it or stop it, or choose another folder")
+        except OSError:
+            pass  # a file system without locks (some network ones): nothing to check with
         if cfg.overwrite_output:  # the earlier run's files only: not a failed new run beside an old model
             for old in checkpoints(out):
                 shutil.rmtree(old)
@@ -575,11 +600,14 @@ eval_sha256 = fingerprint(eval_pairs, with_qids=True)  # a resumed run may evalu
 
 
 def run_eval(step):
+    global t_log
     if not (eval_pairs and master):
         return
+    started = time.time()
     metrics = evaluate(ce, eval_pairs)  # in fp32, whatever the training precision: comparable across runs
     record({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}, "eval_sha256": eval_sha256})
     log(f"eval step {step} | {format_metrics(metrics)}")
+    t_log += time.time() - started  # as for a checkpoint: the interval's tokens/s without the evaluation
 
 
 # ------------------------------------------------------------------------------------------------------ the loop
@@ -704,15 +732,19 @@ def model_card() -> str:
 
 
 if master:
-    ce.save_pretrained(out)
     losses = [r for r in state["history"] if "loss" in r]
     rest = step % cfg.log_every if step > cfg.log_every else 0  # the last interval, when shorter
     svg = line_chart_svg({"loss": ([r["step"] for r in losses], [r["loss"] for r in losses])},
                          f"training loss on {Path(cfg.train).name} (mean of every {min(cfg.log_every, step)} steps"
                          f"{f', the last of {rest}' if rest else ''})", "step", "BCE loss")
-    write_text(out / "loss.svg", svg)
-    write_text(out / "README.md", model_card())
+    try:
+        ce.save_pretrained(out)
+        write_text(out / "loss.svg", svg)
+        write_text(out / "README.md", model_card())
+    except OSError as e:  # a full disk
+        save_failed(f"saving the trained model to {out}", e, lost="the trained weights are lost; ")
     log_file.close()
+    os.close(lock)
     log(f"saved the model to {out}")
 if ddp:
     dist.barrier()

@@ -9,6 +9,7 @@ files. It can be named three ways:
 """
 
 import hashlib
+import io
 import json
 import os
 import pickle
@@ -229,7 +230,7 @@ def atomic_path(path):
     onto `path` (readers see the old file or the whole new one, also after a power cut); otherwise it is deleted.
 
     The new file gets the old one's permissions, or those of any new file (mkstemp's are owner-only); they are set
-    after writing, because some writers (safetensors) replace the file they are given. Its name says which machine and
+    after writing, in case a writer replaces the file it is given. Its name says which machine and
     process write it, so that the next write of `path` can remove what a killed run left (remove_stale_temporaries)."""
     path = Path(path)
     prefix = temporary_prefix(path)
@@ -316,11 +317,17 @@ def atomic_write(path: Path, write) -> None:
 
 
 def torch_save(path: Path, obj) -> None:
-    """torch.save, atomically (see atomic_path), through a Python file: a full disk is then an OSError that says so
-    (torch's own file writer reports it as a RuntimeError, "unexpected pos 116606144 vs 116606032")."""
+    """torch.save, atomically (see atomic_path). Serialized in memory, then written: a full disk is then an OSError
+    that says so (torch's zip writer, given a file, replaces it with a RuntimeError, "unexpected pos 24640 vs 24532")."""
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
+    write_bytes(path, buffer.getbuffer())
+
+
+def write_bytes(path: Path, data) -> None:
     def write(tmp):
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            f.write(data)
 
     atomic_write(path, write)
 
@@ -342,11 +349,9 @@ def write_json(path: Path, obj) -> None:
 
 
 def save_weights(path: Path, model: torch.nn.Module) -> None:
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
+    """model.safetensors, serialized in memory and written atomically: safetensors' save_file writes a temporary file
+    of its own (left behind by kill -9) and reports a full disk as a SafetensorError, not an OSError."""
+    from safetensors.torch import save
 
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    try:
-        atomic_write(path, lambda tmp: save_file(state, tmp, metadata={"format": "pt"}))
-    except SafetensorError as e:  # "No space left on device" and other I/O errors, which callers handle as OSError
-        raise OSError(f"{path}: {e}") from None
+    write_bytes(path, save(state, metadata={"format": "pt"}))

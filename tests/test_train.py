@@ -9,7 +9,6 @@ family the golden was made on; on another one, only agreement within float toler
 """
 
 import errno
-import io
 import json
 import math
 import os
@@ -339,7 +338,7 @@ def test_output_holding_another_run_is_refused_and_never_pruned(run, standin_dir
     code, err = train_inprocess(*short_run(standin_dir, out))
     assert code == 2 and "is not empty (checkpoint-28)" in err and "--resume latest" in err, err
     code, err = train_inprocess(*short_run(standin_dir, out, "--resume", "latest"))
-    assert code == 2 and "train_sha256" not in err and "total_steps 30 -> 2" in err and "max_length 80 -> 16" in err, err
+    assert code == 2 and "training data" not in err and "total_steps 30 -> 2" in err and "max_length 80 -> 16" in err, err
     train(*short_run(standin_dir, out, "--overwrite-output", "true"))  # starts over: the old checkpoints go
     assert sorted(p.name for p in out.glob("checkpoint-*")) == ["checkpoint-1", "checkpoint-2"]
     shutil.copytree(run / "checkpoint-28", out / "checkpoint-28")
@@ -354,7 +353,7 @@ def test_resume_refuses_changed_data_or_settings(run, standin_dir, tmp_path, tra
     flipped.write_text("".join(json.dumps({**r, "label": 1 - r["label"]}) + "\n" for r in rows), encoding="utf-8")
     args = golden_args(standin_dir, tmp_path / "x", "--resume", run / "checkpoint-28")
     code, err = train_inprocess(*[flipped if a == PAIRS else a for a in args])
-    assert code == 2 and "train_sha256" in err and "exact resumption needs the same data and settings" in err, err
+    assert code == 2 and "the training data's content (sha256 " in err and "exact resumption needs the same data" in err, err
     code, err = train_inprocess(*args, "--lr", "1e-4", "--precision", "bf16")
     assert code == 2 and "lr 5e-05 -> 0.0001" in err and "precision 'fp32' -> 'bf16'" in err, err
 
@@ -467,6 +466,12 @@ def test_output_that_is_not_this_runs_is_refused(run, standin_dir, tmp_path, tra
         assert code == 2 and "holds no train.py run (no log.jsonl, no checkpoint-STEP folder)" in err, err
     (notes / "README.md").unlink()
     (notes / "config.json").unlink()
+    stopped = tmp_path / "stopped"  # a run stopped before its first checkpoint: nothing to resume, say so
+    stopped.mkdir()
+    (stopped / "log.jsonl").write_text("")
+    code, err = train_inprocess("--train", tmp_path / "t.jsonl", "--output", stopped)
+    assert code == 2 and "it holds a run that saved no checkpoint to resume from; --overwrite-output true to start " \
+        "over" in err and "--resume" not in err, err
     model = tmp_path / "model"
     shutil.copytree(standin_dir, model)
     code, err = train_inprocess("--model", model, "--train", tmp_path / "t.jsonl", "--output", model, "--overwrite-output", "true")
@@ -506,32 +511,71 @@ def test_output_that_is_a_file_exits_2(tmp_path, train_inprocess):
 
 @pytest.mark.parametrize("fails_at", [1, 2])
 def test_a_full_disk_while_saving_a_checkpoint(standin_dir, tmp_path, train_inprocess, monkeypatch, fails_at):
-    """The disk fills while checkpoint `fails_at` is written (torch.save's writes fail as a full disk's do): one line
-    saying so and which checkpoint is kept, exit status 1, no temporary checkpoint folder left."""
-    real_save, saves = torch.save, []
+    """The disk fills while checkpoint `fails_at` writes its optimizer state: one line saying so and which checkpoint
+    is kept, exit status 1, no temporary checkpoint folder left."""
+    import minilm.checkpoint
 
-    class FullDisk(io.RawIOBase):
-        def writable(self):
-            return True
+    write_bytes = minilm.checkpoint.write_bytes
 
-        def write(self, data):
+    def full_disk_at(path, data):
+        if Path(path).parent.name == f".checkpoint-{fails_at}.tmp" and Path(path).name == "optimizer.pt":
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        write_bytes(path, data)
 
-    def save(obj, f, *args, **kwargs):  # three files a checkpoint: the RNG states, the optimizer, the GradScaler
-        saves.append(f)
-        if len(saves) <= 3 * (fails_at - 1):
-            return real_save(obj, f, *args, **kwargs)
-        if isinstance(f, (str, os.PathLike)):  # torch's own file writer on a full disk, as measured on /dev/full
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
-        real_save(obj, FullDisk(), *args, **kwargs)
-
-    monkeypatch.setattr(torch, "save", save)
+    monkeypatch.setattr(minilm.checkpoint, "write_bytes", full_disk_at)
     code, err = train_inprocess(*short_run(standin_dir, tmp_path / "out"))
-    kept = "the last complete one, checkpoint-1, is kept" if fails_at == 2 else "no earlier checkpoint to keep"
+    kept = "the last complete checkpoint, checkpoint-1, is kept: --resume latest continues from it" if fails_at == 2 \
+        else "no checkpoint to resume from"
     assert code == 1 and len(err.strip().splitlines()) == 1, err
     assert err.startswith(f"train.py: error: writing checkpoint {tmp_path / 'out' / f'checkpoint-{fails_at}'} failed "
                           f"([Errno 28] No space left on device); {kept}"), err
     assert [p.name for p in (tmp_path / "out").glob("*checkpoint-*")] == ["checkpoint-1"] * (fails_at - 1)
+
+
+@pytest.mark.parametrize("save_every, limit_mb, what", [
+    (1, 120, "writing checkpoint {out}/checkpoint-1"),  # model.safetensors (91 MB) fits, optimizer.pt (182 MB) not
+    (0, 60, "saving the trained model to {out}")])
+def test_a_write_that_fails_in_torch_or_safetensors_is_one_line(standin_dir, tmp_path, save_every, limit_mb, what):
+    """Real writers, failing as on a full disk: a file size limit (RLIMIT_FSIZE) makes every write past it fail. Given
+    a file, torch's zip writer turns that error into a RuntimeError ("unexpected pos ...") with a traceback, and
+    safetensors' save_file into a SafetensorError after leaving a temporary file of its own behind."""
+    import resource
+    import signal
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit_mb << 20, limit_mb << 20))
+
+    out = tmp_path / "out"
+    argv = [sys.executable, str(TRAIN), *map(str, short_run(standin_dir, out)), "--max-steps", 1, "--save-every", save_every]
+    done = subprocess.run(list(map(str, argv)), capture_output=True, text=True, timeout=300, cwd=REPO,
+                          preexec_fn=limited, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    lost = "the trained weights are lost; " if save_every == 0 else ""
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == (f"train.py: error: {what.format(out=out)} failed ([Errno 27] File too "
+                                                    f"large); {lost}no checkpoint to resume from"), done.stderr
+    assert "Traceback" not in done.stderr
+    assert not list(out.glob(".*")) and not (out / "model.safetensors").exists()  # no writer's temporary file or folder
+
+
+def test_a_second_run_in_the_same_output_is_refused(standin_dir, tmp_path, train_inprocess):
+    """Two runs in one folder would mix logs, checkpoints and models, and both say they saved theirs. The running one
+    holds a lock on the folder (taken here as it would hold it)."""
+    import fcntl
+
+    out = tmp_path / "out"
+    out.mkdir()
+    held = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        code, err = train_inprocess(*short_run(standin_dir, out))
+    finally:
+        os.close(held)
+    assert code == 2 and err == f"train.py: error: --output {out}: another train.py is writing there now (a run still " \
+        "going, or the processes of a killed torchrun); wait for it or stop it, or choose another folder\n"
+    assert list(out.iterdir()) == []
+    code, err = train_inprocess(*short_run(standin_dir, out), "--max-steps", 1)  # released: the folder is usable
+    assert code == 0, err
 
 
 # ------------------------------------------------------------------------------------------------------------ DDP
