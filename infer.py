@@ -54,7 +54,7 @@ EPILOG = """\
 examples:
   python infer.py "how tall is everest" "Mount Everest is 8,849 m high." "Everest is a brand of shoes."
   python infer.py --json --top-k 1 --sigmoid "capital of france" "Paris is in France." "Berlin is in Germany."
-  python infer.py --input pairs.tsv --output scored.tsv --model weights/ms-marco-MiniLM-L6-v2
+  python infer.py --input pairs.tsv --output scored.tsv --model weights/cross-encoder/ms-marco-MiniLM-L6-v2
   cat pairs.jsonl | python infer.py --input - --quiet > scored.jsonl
 
 input files (--input): JSONL with the fields "query" and "passage" (or "sentence_0" and "sentence_1"), or TSV / CSV

@@ -11,8 +11,8 @@ between the passage fp32 put first and the one the reduced-precision model put f
 Runs on minilm alone (no reference library needed).
 
 The fp32 MRR@10 comes first: agreement is only informative for a model whose scores separate passages (one that scores
-every pair alike "agrees" or not by the toss of rounding noise). No real reranker checkpoint is reachable here; the
-README's figures use the stand-in with its last layer and head trained on TyDi-ru train (why: bench/tydi_ranker.py):
+every pair alike "agrees" or not by the toss of rounding noise). No real reranker checkpoint is reachable here;
+docs/performance.md's figures use the stand-in with its last layer and head trained on TyDi-ru train (why: bench/tydi_ranker.py):
     python bench/tydi_ranker.py --model runs/standin --output runs/tydi-ranker     # ~8 min on 2 cores
     python bench/agreement.py --model runs/tydi-ranker                            # ~13 min
 (runs/standin: bench/tydi_run.sh.)

@@ -8,6 +8,7 @@ inside the Rust tokenizer (which releases the GIL but by default runs a thread p
 how much slower a loop of small torch ops on the main thread runs while another thread tokenizes.
 """
 
+import argparse
 import cProfile
 import os
 import pstats
@@ -28,8 +29,11 @@ def main():
     from minilm import CrossEncoder
     from standin import model_or_standin
 
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="checkpoint directory (default: build the stand-in in a temp dir)")
+    args = ap.parse_args()
     torch.set_num_threads(1)
-    tokenizer = CrossEncoder.from_pretrained(model_or_standin(sys.argv[1] if len(sys.argv) > 1 else None), device="cpu").tokenizer
+    tokenizer = CrossEncoder.from_pretrained(model_or_standin(args.model), device="cpu").tokenizer
     pairs = bench_pairs(4096)
     tokenizer.encode(pairs[:64])
 

@@ -309,8 +309,8 @@ class CrossEncoder:
         """Score every document against `query`; [{"corpus_id", "score"[, "text"]}] highest first (see `ranked`).
 
         top_k: the number of results (None: all). `documents` is a list (or iterable) of strings. The other
-        arguments are predict's, in sentence-transformers' order (as there, the scores are floats whatever
-        convert_to_numpy and convert_to_tensor say)."""
+        arguments are predict's, in sentence-transformers' order; the scores are Python floats whatever
+        convert_to_numpy and convert_to_tensor say (sentence-transformers gives np.float32, or 0-d tensors)."""
         refuse_softmax(apply_softmax)
         if isinstance(documents, str):  # iterating it would score one-character documents
             raise TypeError("documents must be a list of strings, got one string; pass [text] for a single document")
@@ -327,7 +327,8 @@ class CrossEncoder:
 
     def save_pretrained(self, path) -> None:
         """Write a folder that minilm, sentence-transformers (5.1 and newer) and transformers all load, file by file
-        atomically. The activation goes into config.json["sentence_transformers"], which every ST version reads."""
+        atomically. The activation goes into config.json["sentence_transformers"], which sentence-transformers 4.0 and newer
+        read (older versions read only the legacy key, which is not written)."""
         if self.precision != "fp32":
             raise ValueError(f"a model converted to {self.precision} cannot be saved; save the fp32 model (load it without dtype)")
         model_config = self.export_config()  # first: an activation that cannot be saved writes nothing

@@ -7,13 +7,14 @@ scoring; model.py stays the plain padded model that the exact loop and scoring u
     LayerNorm and GELU skips the padding (about a third of a padded batch with the card's length profile).
   * Attention per sequence on the CPU. SDPA with dropout falls back there to a materialised (B, 12, T, T) softmax and a
     float mask of the same size; here each pair's (12, L, L) scores stay in cache and the dropout mask is a bool drawn
-    4x cheaper (`drop_mask`). On CUDA, SDPA's memory-efficient kernel takes the padding mask and dropout itself, so
-    the pairs are padded for attention only.
+    4x cheaper (`drop_mask`). On CUDA, SDPA (cuDNN's or the memory-efficient kernel, as torch picks) takes the
+    padding mask and dropout itself, so the pairs are padded for attention only.
   * The last layer for [CLS] only, as when scoring: the pooler reads nothing else, so the loss and every gradient are
     the ones of the full layer.
 Dropout keeps the recipe's p = 0.1 on embeddings, attention probabilities, both residual branches and the classifier,
-with masks from other random draws: a mask keeps an element with probability 1 - round(p * 2^16) / 2^16
-(0.899994 for p = 0.1) and scales it by exactly the inverse, so the expected value is unchanged.
+with masks from other random draws. On the CPU a mask keeps an element with probability 1 - round(p * 2^16) / 2^16
+(0.899994 for p = 0.1) and scales it by exactly the inverse, so the expected value is unchanged; on CUDA the masks
+are torch's (F.dropout) and SDPA's own, with p = 0.1 exactly.
 """
 
 from dataclasses import dataclass

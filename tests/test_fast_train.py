@@ -33,7 +33,7 @@ def losses(folder):
 
 def test_without_dropout_the_fast_loop_takes_the_exact_loops_steps(no_dropout, tmp_path):
     """Same batches, loss, optimizer and schedule: per-step losses within 1e-4 (relative) in fp32, and within 3e-2 with
-    the fast loop's own precision (bf16 on a CPU with native bf16), over 10 steps (2 epochs of 44 pairs)."""
+    the fast loop's own precision (bf16 on a CPU with native bf16), over 10 steps (about 1.7 epochs of 44 pairs)."""
     runs = {"exact": ["--exact", "true"], "fast fp32": ["--precision", "fp32"], "fast default": []}
     for name, extra in runs.items():
         train(*short(no_dropout, tmp_path / name, "--max-steps", 10, *extra))
