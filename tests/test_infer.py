@@ -533,10 +533,12 @@ def test_output_to_a_descriptor_not_open_for_writing(tmp_path, monkeypatch, caps
     assert_one_line_error(err, f"descriptor {fd} is not open for writing")
 
 
-def wait_until_caught(pid: int, signum: int) -> None:
-    """Until process `pid` has a handler for `signum` (Linux: the SigCgt mask of /proc/PID/status)."""
-    deadline = time.time() + 120
+def wait_until_caught(proc: subprocess.Popen, signum: int) -> None:
+    """Until process `proc` has a handler for `signum` (Linux: the SigCgt mask of /proc/PID/status)."""
+    pid, deadline = proc.pid, time.time() + 120
     while time.time() < deadline:
+        if proc.poll() is not None:  # ended before (a dead process's mask reads 0): say how, not "never installed"
+            raise AssertionError(f"process {pid} ended with status {proc.returncode}: {proc.stderr.read()}")
         with open(f"/proc/{pid}/status") as status:
             caught = next(int(line.split()[1], 16) for line in status if line.startswith("SigCgt:"))
         if caught >> (signum - 1) & 1:
@@ -557,7 +559,7 @@ def test_sighup_stops_cleanly_but_not_under_nohup(standin, model, tmp_path):
         proc.stdin.write(json.dumps(rows[0]) + "\n")
         proc.stdin.flush()
         if not ignored:
-            wait_until_caught(proc.pid, signal.SIGHUP)  # before that, SIGHUP's default action would kill it
+            wait_until_caught(proc, signal.SIGHUP)  # before that, SIGHUP's default action would kill it
         time.sleep(3)  # reading stdin, waiting for more rows
         proc.send_signal(signal.SIGHUP)
         time.sleep(1)
