@@ -75,19 +75,36 @@ def _check_dir(path: Path) -> Path:
 
 def _from_hub(repo_id: str, revision: str | None, cache_dir=None, local_files_only: bool = False, token=None) -> Path:
     from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, RepositoryNotFoundError, RevisionNotFoundError
+    from huggingface_hub.errors import (EntryNotFoundError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                        RevisionNotFoundError)
 
     offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
     # huggingface_hub retries a host it cannot reach for ~25 s before using its cache or giving up; a quick probe
     # sends it straight to the cache instead
     unreachable = not offline and not local_files_only and not reachable(constants.ENDPOINT)
+    cache_only = offline or local_files_only or unreachable
 
     def fetch(filename):
+        """The file's path in the cache; None if the repo has no such file (or, from the cache alone, if the cache
+        has none: there an absent file and one never downloaded look alike, as for transformers)."""
         try:
             return Path(hf_hub_download(repo_id, filename, revision=revision, cache_dir=cache_dir, token=token,
-                                        local_files_only=local_files_only or unreachable))
-        except EntryNotFoundError:  # also the "not in the local cache and the Hub is unreachable" case
+                                        local_files_only=cache_only))
+        except LocalEntryNotFoundError as e:
+            if cache_only:
+                return None
+            # the Hub answered with an error, or not at all: skipping the file would load the model without it
+            # (a tokenizer_config.json's max_length, a vocabulary) and score silently otherwise
+            reason = str(e.__cause__ or e).splitlines()[0]
+            raise CheckpointError(f"{repo_id}: {filename} could not be fetched from the Hub ({reason}); nothing was "
+                                  "loaded: try again") from None
+        except EntryNotFoundError:  # the Hub says this revision has no such file
             return None
+        except (HFValidationError, RepositoryNotFoundError, RevisionNotFoundError):
+            raise
+        except Exception as e:  # the HTTP library's own errors (a read timeout, ...): one line, not a traceback
+            raise CheckpointError(f"{repo_id}: fetching {filename} from the Hub failed ({type(e).__name__}: "
+                                  f"{str(e).splitlines()[0] if str(e) else ''})") from None
 
     how_to = (
         f"To use a local copy, pass its directory (--model /path/to/dir), or put it under weights/, e.g. "

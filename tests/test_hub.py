@@ -12,6 +12,8 @@ import re
 import socket
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from pathlib import Path
 
@@ -195,12 +197,84 @@ def load_with_unreachable_hub(hf_home, name) -> dict:
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    return load_from_hub(hf_home, name, port)
+
+
+def load_from_hub(hf_home, name, port) -> dict:
+    """from_pretrained(name) in a fresh process whose Hub is http://127.0.0.1:PORT and whose cache is `hf_home`."""
     env = {k: v for k, v in os.environ.items() if not k.upper().startswith(("HF_", "HUGGINGFACE")) and "PROXY" not in k.upper()}
     env.update(HF_HOME=str(hf_home), HF_ENDPOINT=f"http://127.0.0.1:{port}")
     repo = str(Path(minilm.checkpoint.__file__).resolve().parent.parent)
     done = subprocess.run([sys.executable, "-c", LOAD_IN_A_FRESH_PROCESS, repo, name], env=env, capture_output=True,
                           text=True, timeout=60)  # huggingface_hub alone retried for ~25 s per file
     return json.loads(done.stdout.splitlines()[-1])
+
+
+def serve_hub(folder: Path, failing: str):
+    """A Hub on a free local port serving the files of `folder` as REPO_ID at commit MAIN, the file `failing` with an
+    HTTP error (400: not retried by huggingface_hub), any other file as absent (404, EntryNotFound)."""
+
+    class Hub(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def do_HEAD(self, body=False):
+            name = self.path.split("?")[0].rpartition("/resolve/main/")[2]
+            status = 400 if name == failing else 200 if (folder / name).is_file() else 404
+            self.send_response(status)
+            if status == 404:
+                self.send_header("X-Error-Code", "EntryNotFound")
+            data = (folder / name).read_bytes() if status == 200 else b""
+            if status == 200:
+                self.send_header("X-Repo-Commit", MAIN)
+                self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            if body:
+                self.wfile.write(data)
+
+        def do_GET(self):
+            self.do_HEAD(body=True)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.mark.parametrize("failing", ["tokenizer_config.json", "special_tokens_map.json"])
+def test_a_file_the_hub_fails_to_send_is_an_error_not_skipped(tmp_path, standin_dir, failing):
+    """A tokenizer file that could not be downloaded was taken for one the repo does not have: the model loaded
+    without it and scored otherwise (a tokenizer_config.json's model_max_length, ...). A file the Hub says is absent
+    (404) is still skipped."""
+    model = tmp_path / "model"
+    model.mkdir()
+    for f in standin_dir.iterdir():
+        if f.name != "vocab.txt":  # absent from the repo: the Hub answers 404
+            (model / f.name).symlink_to(f)
+    server = serve_hub(model, failing)
+    try:
+        result = load_from_hub(tmp_path / "hf_home", REPO_ID, server.server_address[1])
+    finally:
+        server.shutdown()
+    assert result["seconds"] < 30, result
+    assert result["source"] is None and result["error"].startswith(f"{REPO_ID}: {failing} could not be fetched from the "
+                                                                   "Hub ("), result
+    assert result["error"].endswith("nothing was loaded: try again"), result
+
+
+def test_a_repo_without_some_tokenizer_files_loads_from_the_hub(tmp_path, standin_dir):
+    model = tmp_path / "model"
+    model.mkdir()
+    for f in standin_dir.iterdir():
+        if f.name != "vocab.txt":
+            (model / f.name).symlink_to(f)
+    server = serve_hub(model, failing="")
+    try:
+        result = load_from_hub(tmp_path / "hf_home", REPO_ID, server.server_address[1])
+    finally:
+        server.shutdown()
+    assert result["error"] is None and (Path(result["source"]) / "tokenizer.json").is_file(), result
+    assert not (Path(result["source"]) / "vocab.txt").exists()
 
 
 def test_unreachable_hub_fails_fast_for_a_model_not_in_the_cache(tmp_path):
