@@ -555,7 +555,8 @@ def test_sighup_stops_cleanly_but_not_under_nohup(standin, model, tmp_path):
         dst = tmp_path / f"out-{ignored}.jsonl"
         proc = subprocess.Popen([sys.executable, "infer.py", "--model", str(standin), "--device", "cpu", "--input", "-",
                                  "--output", str(dst)], cwd=REPO, stdin=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                preexec_fn=(lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN)) if ignored else None)
+                                # both ways set, not inherited: under `nohup pytest` the child would start with it ignored
+                                preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN if ignored else signal.SIG_DFL))
         proc.stdin.write(json.dumps(rows[0]) + "\n")
         proc.stdin.flush()
         if not ignored:
