@@ -53,7 +53,7 @@ import shutil
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -448,8 +448,6 @@ def save_failed(what, error, lost=""):
 
 
 def save_checkpoint(step):
-    global t_log
-    started = time.time()
     stop_if_diverged()
     final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
     loss_sum, tokens = interval_totals()  # a log interval may straddle the checkpoint
@@ -481,7 +479,6 @@ def save_checkpoint(step):
         fsync(out)
         for old in checkpoints(out, run_info)[: -cfg.keep_checkpoints]:  # never another run's
             shutil.rmtree(old)
-    t_log += time.time() - started  # the open log interval's tokens/s is the training's, without the saving
 
 
 def json_line(entry) -> str:
@@ -600,14 +597,20 @@ eval_sha256 = fingerprint(eval_pairs, with_qids=True)  # a resumed run may evalu
 
 
 def run_eval(step):
-    global t_log
     if not (eval_pairs and master):
         return
-    started = time.time()
     metrics = evaluate(ce, eval_pairs)  # in fp32, whatever the training precision: comparable across runs
     record({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}, "eval_sha256": eval_sha256})
     log(f"eval step {step} | {format_metrics(metrics)}")
-    t_log += time.time() - started  # as for a checkpoint: the interval's tokens/s without the evaluation
+
+
+@contextmanager
+def untimed():
+    """Leave the time spent inside out of the open log interval: its seconds and tokens/s are the training's."""
+    global t_log
+    started = time.time()
+    yield
+    t_log += time.time() - started
 
 
 # ------------------------------------------------------------------------------------------------------ the loop
@@ -685,10 +688,12 @@ for epoch in range(start_epoch, epochs):
             stop_if_diverged()
             log_interval(step, epoch + (b + 1) / steps_per_epoch)
         if cfg.eval_every and step % cfg.eval_every == 0 and step < total_steps:
-            run_eval(step)
+            with untimed():
+                run_eval(step)
         if cfg.save_every and step % cfg.save_every == 0:
             state["step"] = step
-            save_checkpoint(step)
+            with untimed():
+                save_checkpoint(step)
 bar.close()
 stop_if_diverged()
 
