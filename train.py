@@ -84,6 +84,7 @@ def option(default, help):
 @dataclass
 class TrainConfig:
     model: str = option("cross-encoder/ms-marco-MiniLM-L6-v2", "local dir, name under weights/, or Hugging Face Hub id")
+    revision: str = option("", "Hub revision (branch, tag or commit) of --model; empty: main")
     train: str = option("", "required: .jsonl/.tsv/.csv with query/passage (or sentence_0/sentence_1) and label in [0, 1]")
     output: str = option("", "required: folder for the model, logs and checkpoints")
     eval: str = option("", "labelled pairs (qid optional) for MRR@10, NDCG@10, R@1 at the end and every --eval-every steps")
@@ -318,7 +319,7 @@ epochs = math.ceil(total_steps / steps_per_epoch)
 # always trains the same model (the Trainer's seed comes after the model, so there the head is drawn unseeded)
 torch.manual_seed(cfg.seed)
 try:
-    ce = CrossEncoder.from_pretrained(cfg.model, device=device)
+    ce = CrossEncoder.from_pretrained(cfg.model, revision=cfg.revision or None, device=device)
 except (CheckpointError, ValueError, OSError) as e:
     die(e)
 if cfg.max_length:
@@ -388,7 +389,7 @@ interval = {"steps": 0, "tokens": 0, "padded": 0}  # the rest of what the next l
 interval_seconds = 0.0
 # What must be the same for --resume to continue a run exactly (the data by content, the recipe, the processes)
 run_info = {"train_sha256": fingerprint(train_pairs), "train_size": N, "exact": cfg.exact,
-            "model": model_id(cfg.model),
+            "model": model_id(cfg.model), "revision": cfg.revision or None,
             "log_every": cfg.log_every,
             "batch_size": cfg.batch_size, "total_steps": total_steps, "lr": cfg.lr, "warmup_ratio": cfg.warmup_ratio,
             "weight_decay": cfg.weight_decay, "max_grad_norm": cfg.max_grad_norm, "seed": cfg.seed, "precision": precision,

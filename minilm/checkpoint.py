@@ -75,8 +75,8 @@ def _check_dir(path: Path) -> Path:
 
 def _from_hub(repo_id: str, revision: str | None, cache_dir=None, local_files_only: bool = False, token=None) -> Path:
     from huggingface_hub import constants, hf_hub_download
-    from huggingface_hub.errors import (EntryNotFoundError, HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError,
-                                        RevisionNotFoundError)
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, HFValidationError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
 
     offline = constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
     # huggingface_hub retries a host it cannot reach for ~25 s before using its cache or giving up; a quick probe
@@ -84,7 +84,7 @@ def _from_hub(repo_id: str, revision: str | None, cache_dir=None, local_files_on
     unreachable = not offline and not local_files_only and not reachable(constants.ENDPOINT)
     cache_only = offline or local_files_only or unreachable
 
-    def fetch(filename):
+    def fetch(filename, revision=revision):
         """The file's path in the cache; None if the repo has no such file (or, from the cache alone, if the cache
         has none: there an absent file and one never downloaded look alike, as for transformers)."""
         try:
@@ -114,8 +114,12 @@ def _from_hub(repo_id: str, revision: str | None, cache_dir=None, local_files_on
         config = fetch("config.json")
     except HFValidationError as e:
         raise CheckpointError(f"{repo_id!r} is neither a local directory nor a valid Hub id ({e})") from None
-    except (RepositoryNotFoundError, RevisionNotFoundError) as e:
-        raise CheckpointError(f"{repo_id}: {type(e).__name__} on the Hugging Face Hub (revision {revision or 'main'}). {how_to}") from None
+    except RevisionNotFoundError:
+        raise CheckpointError(f"{repo_id}: the Hugging Face Hub has no revision {revision!r} of it") from None
+    except RepositoryNotFoundError as e:  # GatedRepoError too; the Hub answers 401 for a private repo without a token
+        why = "is gated: accept its conditions on its Hub page, then" if isinstance(e, GatedRepoError) else \
+            "was not found on the Hugging Face Hub; if it is private or gated,"
+        raise CheckpointError(f"{repo_id} {why} log in (`hf auth login`) or set HF_TOKEN. {how_to}") from None
     if config is None:
         why = ("HF_HUB_OFFLINE is set" if offline else "local_files_only=True" if local_files_only else
                f"the Hugging Face Hub ({constants.ENDPOINT}) could not be reached")
@@ -123,10 +127,13 @@ def _from_hub(repo_id: str, revision: str | None, cache_dir=None, local_files_on
             f"model {repo_id!r} (revision {revision or 'main'}) is not a local directory, not under weights/, and not in "
             f"the Hugging Face cache ({cache_dir or constants.HF_HUB_CACHE}); {why}. {how_to}"
         )
-    if fetch("model.safetensors") is None and fetch("pytorch_model.bin") is None:
+    # the rest from the commit config.json came from (its snapshot folder's name): a branch moved on by a push
+    # meanwhile would put them in another snapshot, and the model would load from a folder holding only some of them
+    commit = config.parent.name
+    if fetch("model.safetensors", commit) is None and fetch("pytorch_model.bin", commit) is None:
         raise CheckpointError(f"{repo_id}: neither model.safetensors nor pytorch_model.bin could be fetched")
     for name in TOKENIZER_FILES:
-        fetch(name)
+        fetch(name, commit)
     return config.parent  # the snapshot folder: every file of one revision sits side by side
 
 

@@ -210,28 +210,36 @@ def load_from_hub(hf_home, name, port) -> dict:
     return json.loads(done.stdout.splitlines()[-1])
 
 
-def serve_hub(folder: Path, failing: str):
+def serve_hub(folder: Path, failing: str, pushed: Path | None = None, refused: str = ""):
     """A Hub on a free local port serving the files of `folder` as REPO_ID at commit MAIN, the file `failing` with an
-    HTTP error (400: not retried by huggingface_hub), any other file as absent (404, EntryNotFound)."""
+    HTTP error (400: not retried by huggingface_hub), any other file as absent (404, EntryNotFound). With `pushed`,
+    branch main moves to commit OTHER, the files of `pushed`, once config.json has been sent (a push meanwhile). With
+    `refused` (the Hub's X-Error-Code: RepoNotFound, GatedRepo), every request is answered 401 (no token sent)."""
+    commits = {MAIN: folder, OTHER: pushed}
+    branch = {"main": MAIN}
 
     class Hub(BaseHTTPRequestHandler):
         def log_message(self, *args):
             pass
 
         def do_HEAD(self, body=False):
-            name = self.path.split("?")[0].rpartition("/resolve/main/")[2]
-            status = 400 if name == failing else 200 if (folder / name).is_file() else 404
+            revision, _, name = self.path.split("?")[0].partition("/resolve/")[2].partition("/")
+            commit = branch.get(revision, revision)
+            files = commits.get(commit) or Path("/nonexistent")
+            status = 401 if refused else 400 if name == failing else 200 if (files / name).is_file() else 404
             self.send_response(status)
-            if status == 404:
-                self.send_header("X-Error-Code", "EntryNotFound")
-            data = (folder / name).read_bytes() if status == 200 else b""
+            if status in (401, 404):
+                self.send_header("X-Error-Code", refused or "EntryNotFound")
+            data = (files / name).read_bytes() if status == 200 else b""
             if status == 200:
-                self.send_header("X-Repo-Commit", MAIN)
+                self.send_header("X-Repo-Commit", commit)
                 self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
             self.send_header("Content-Length", str(len(data)))
             self.end_headers()
             if body:
                 self.wfile.write(data)
+                if name == "config.json" and pushed is not None:
+                    branch["main"] = OTHER
 
         def do_GET(self):
             self.do_HEAD(body=True)
@@ -288,3 +296,45 @@ def test_unreachable_hub_still_loads_from_the_cache(tmp_path, standin_dir):
     result = load_with_unreachable_hub(tmp_path / "hf_home", REPO_ID)
     assert result["seconds"] < 5, result
     assert result["error"] is None and Path(result["source"]).resolve() == snapshot.resolve()
+
+
+def test_a_push_while_downloading_does_not_mix_two_commits(tmp_path, standin_dir, negated_head_dir, short):
+    """Every file comes from the commit config.json came from. Taken from branch main as it moves, the weights landed
+    in the new commit's snapshot folder and the model was loaded from the old one, which lacked them."""
+    server = serve_hub(standin_dir, failing="", pushed=negated_head_dir)
+    try:
+        result = load_from_hub(tmp_path / "hf_home", REPO_ID, server.server_address[1])
+    finally:
+        server.shutdown()
+    assert result["error"] is None and Path(result["source"]).name == MAIN, result
+    pairs, gold = short
+    assert max_diff(CrossEncoder.from_pretrained(result["source"], device="cpu").predict(pairs), gold) <= TOL
+
+
+@pytest.mark.parametrize("refused, said", [("RepoNotFound", "was not found on the Hugging Face Hub; if it is private or gated"),
+                                           ("GatedRepo", "is gated: accept its conditions")])
+def test_a_private_or_gated_repo_says_how_to_log_in(tmp_path, standin_dir, refused, said):
+    server = serve_hub(standin_dir, failing="", refused=refused)
+    try:
+        result = load_from_hub(tmp_path / "hf_home", REPO_ID, server.server_address[1])
+    finally:
+        server.shutdown()
+    assert result["error"].startswith(f"{REPO_ID} {said}") and "`hf auth login`" in result["error"], result
+
+
+def test_train_py_takes_a_revision(hub_cache, standin_dir, negated_head_dir, tmp_path):
+    lay_out(hub_cache, REPO_ID, MAIN, standin_dir)
+    lay_out(hub_cache, REPO_ID, OTHER, negated_head_dir, refs=("other",))
+    data = tmp_path / "pairs.jsonl"
+    data.write_text('{"query": "q", "passage": "p", "label": 1}\n{"query": "q", "passage": "x", "label": 0}\n')
+    train = [sys.executable, str(Path(minilm.checkpoint.__file__).resolve().parent.parent / "train.py"), "--train", data,
+             "--max-steps", "1", "--lr", "1e-30", "--max-length", "16", "--device", "cpu"]
+    done = subprocess.run([*train, "--model", REPO_ID, "--revision", "other", "--output", tmp_path / "out"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    trained = load_file(tmp_path / "out" / "model.safetensors")["classifier.weight"]
+    assert torch.equal(trained, load_file(negated_head_dir / "model.safetensors")["classifier.weight"])
+    assert "| revision | `other` |" in (tmp_path / "out" / "README.md").read_text()
+    done = subprocess.run([*train, "--model", standin_dir, "--revision", "other", "--output", tmp_path / "out2"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "a revision (other) applies to Hub ids only" in done.stderr, done.stderr
