@@ -60,8 +60,9 @@ examples:
 input files (--input): JSONL with the fields "query" and "passage" (or "sentence_0" and "sentence_1"), or TSV / CSV
 with a header row naming those columns. Every other field (qid, label, ...) is kept; the output has the same format,
 rows and order, plus a "score" field (an existing "score" is overwritten). A JSONL row is written back as it was,
-byte for byte, with the score added. Exit status: 0 on success, 2 for bad
-arguments, bad input or a model that cannot be found.
+byte for byte, with the score added; a TSV / CSV file that starts with a byte-order mark (Excel's "CSV UTF-8") gives
+an output that starts with one. Exit status: 0 on success, 2 for bad arguments, bad input or a model that cannot be
+found.
 
 several processes (one per GPU, or CPU processes) share the rows of a file when started by torchrun:
   torchrun --nproc-per-node 4 infer.py --input pairs.jsonl --output scored.jsonl
@@ -221,18 +222,20 @@ def preview(text: str, width: int) -> str:
 # ------------------------------------------------------------------------------------------------------- file mode
 
 def score_file(args) -> int:
-    from minilm.data import detect_format, iter_pairs
+    from minilm.data import detect_format, iter_pairs, starts_with_byte_order_mark
 
     fmt = detect_format(args.input, args.format, "--format")
     check_output(args.output, fmt)
     total = before = None  # stdin and pipes (--input <(zcat pairs.jsonl.gz)) can be read only once: rows are checked as scored
+    byte_order_mark = False
     if args.input != "-" and not is_pipe(args.input):
         before = file_state(args.input)
         total = sum(1 for _ in iter_pairs(args.input, fmt))  # a bad row fails here, instantly, before the model loads
+        byte_order_mark = starts_with_byte_order_mark(args.input)
     model = load_model(args)
 
     with output_file(args.output) as out, progress_bar(total, args.quiet) as bar:
-        writer = RowWriter(out, fmt)
+        writer = RowWriter(out, fmt, byte_order_mark=byte_order_mark)
         for chunk, encodings in tokenized(model, chunked(iter_pairs(args.input, fmt), CHUNK_ROWS), args.input):
             score_chunk(model, chunk, encodings, writer, args)
             bar.update(len(chunk))
@@ -414,16 +417,18 @@ class RowWriter:
     added before its closing brace, or in place of the value of a score it already has, so its numbers, escapes and
     spacing stay as they were), TSV lines (fields joined by tabs, no quoting: the text goes back byte for byte), or CSV
     records quoted by the csv module; TSV/CSV with a header (unless `header` is False: rows that go after another
-    writer's). The score is the float32 value as a Python float's repr (up to 17 digits), which reads back to the same
-    float32."""
+    writer's), after a byte-order mark if `byte_order_mark` (the input had one: Excel reads a CSV without one in the
+    system's legacy code page, and Cyrillic comes out garbled; JSONL never has one, JSON parsers refuse it). The score
+    is the float32 value as a Python float's repr (up to 17 digits), which reads back to the same float32."""
 
-    def __init__(self, out, fmt: str, header: bool = True):
+    def __init__(self, out, fmt: str, header: bool = True, byte_order_mark: bool = False):
         from minilm.data import JSON_WHITESPACE
 
         self.json_whitespace = JSON_WHITESPACE
         self.out = out
         self.fmt = fmt
         self.write_header = header
+        self.byte_order_mark = byte_order_mark
         self.header = None
         if fmt == "csv":
             import csv
@@ -444,6 +449,8 @@ class RowWriter:
         if self.header is None:
             self.header = list(row) + ([] if "score" in row else ["score"])
             if self.write_header:
+                if self.byte_order_mark:
+                    self.out.write("\ufeff")
                 self.write_record(self.header)
         row["score"] = repr(score)
         self.write_record([row[key] for key in self.header])
@@ -497,7 +504,7 @@ class Shards:
         dist.init_process_group("gloo", timeout=timedelta(seconds=SHARD_TIMEOUT_S))
 
     def score(self, args) -> int:
-        from minilm.data import detect_format, iter_pairs
+        from minilm.data import detect_format, iter_pairs, starts_with_byte_order_mark
 
         def check_input():
             fmt = detect_format(args.input, args.format, "--format")
@@ -507,7 +514,7 @@ class Shards:
                 check_output(args.output, fmt)
             before = file_state(args.input)
             total = sum(1 for _ in iter_pairs(args.input, fmt))  # a bad row fails here, before the model loads
-            return fmt, total, before, file_digest(args.input)
+            return fmt, total, before, file_digest(args.input), starts_with_byte_order_mark(args.input)
 
         def load():
             import torch
@@ -517,7 +524,7 @@ class Shards:
                 torch.cuda.set_device(args.device)  # else pinned host buffers make a context on GPU 0 in every process
             return load_model(args)
 
-        fmt, total, before, digest = self.agree(check_input)
+        fmt, total, before, digest, byte_order_mark = self.agree(check_input)
         inputs = [None] * self.world
         self.collective(self.dist.all_gather_object, inputs, (total, digest))
         if len(set(inputs)) > 1:  # "the same path on every machine" is not the same file on every machine
@@ -533,7 +540,7 @@ class Shards:
             lines = io.StringIO()
             item = next(mine, None)  # None in the last round, for the processes after the file's last chunk
             if item is not None:
-                score_chunk(model, *item, RowWriter(lines, fmt, header=index == 0), args)
+                score_chunk(model, *item, RowWriter(lines, fmt, header=index == 0, byte_order_mark=byte_order_mark), args)
             return lines.getvalue()
 
         with contextlib.ExitStack() as stack:

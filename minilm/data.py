@@ -28,6 +28,7 @@ TEXT_FIELDS = (("query", "passage"), ("sentence_0", "sentence_1"))
 # The csv module's default field limit, 128 Ki characters, refuses long passages; no limit would let one stray quote
 # pull the rest of a big file into memory before the error
 CSV_FIELD_CHARS = 64 << 20
+BYTE_ORDER_MARK = b"\xef\xbb\xbf"  # UTF-8's
 INT_DIGITS = 4300  # sys.get_int_max_str_digits()'s default
 NUMBER = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?")  # what a data file means by a number: no "0_1", no "inf"
 
@@ -73,6 +74,15 @@ def detect_format(path: str, fmt: str | None = None, option: str = "") -> str:
                     f"{f' (or {option})' if option else ''}")
 
 
+def starts_with_byte_order_mark(path: str) -> bool:
+    """Whether the file `path` starts with a UTF-8 byte-order mark (False for one that cannot be read)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(len(BYTE_ORDER_MARK)) == BYTE_ORDER_MARK
+    except OSError:
+        return False
+
+
 def text_lines(path: str):
     """Yield (line number, decoded line with its line break) of a file or stdin ('-'); bytes are decoded line by line
     so that invalid UTF-8 is reported on its real line."""
@@ -83,7 +93,7 @@ def text_lines(path: str):
         raise DataError(f"{path}: cannot open: {e.strerror}") from None
     try:
         for n, raw in enumerate(f, start=1):
-            if raw.startswith(b"\xef\xbb\xbf"):
+            if raw.startswith(BYTE_ORDER_MARK):
                 if n > 1:
                     raise DataError(f"{name}:{n}: a byte-order mark starts this line, as where files were concatenated; "
                                     "remove it")

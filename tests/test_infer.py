@@ -696,14 +696,21 @@ def test_bad_input_exits_2_naming_file_and_line(tmp_path, monkeypatch, capsys, c
 
 @pytest.mark.parametrize("fmt", ["jsonl", "tsv", "csv"])
 def test_a_byte_order_mark_is_skipped(standin, model, tmp_path, capsys, fmt):
-    """Excel's "CSV UTF-8" and many Windows tools start files with a UTF-8 BOM: it is not part of the first field."""
+    """Excel's "CSV UTF-8" and many Windows tools start files with a UTF-8 BOM: it is not part of the first field.
+    A TSV or CSV output gets it back (without it Excel reads UTF-8 in a legacy code page); JSONL does not (JSON
+    parsers refuse it)."""
     rows = [{"query": q, "passage": p.replace("\n", " ")} for q, p in PAIRS]
     src, dst = tmp_path / f"in.{fmt}", tmp_path / f"out.{fmt}"
     write_input(src, fmt, rows)
     src.write_bytes(b"\xef\xbb\xbf" + src.read_bytes())
     rc, _, err = run(capsys, "--model", standin, "--device", "cpu", "--input", src, "--output", dst)
     assert rc == 0, err
-    assert_scored(model, rows, read_output(dst.read_text(encoding="utf-8"), fmt))
+    scored = dst.read_bytes()
+    assert scored.startswith(b"\xef\xbb\xbf") == (fmt != "jsonl") and scored.count(b"\xef\xbb\xbf") <= 1
+    assert_scored(model, rows, read_output(scored.decode("utf-8-sig"), fmt))
+    src.write_bytes(src.read_bytes()[3:])  # and without one in, none out
+    rc, _, err = run(capsys, "--model", standin, "--device", "cpu", "--input", src, "--output", dst)
+    assert rc == 0 and not dst.read_bytes().startswith(b"\xef\xbb\xbf"), err
 
 
 def test_missing_input_file(tmp_path, monkeypatch, capsys):
