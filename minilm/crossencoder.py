@@ -220,18 +220,19 @@ class CrossEncoder:
         return BATCH_TOKENS.get(self.device.type, BATCH_TOKENS["cuda"])
 
     @torch.inference_mode()
-    def predict(self, pairs, batch_size: int = 32, show_progress_bar: bool | None = None, activation_fn=None,
+    def predict(self, sentences, batch_size: int = 32, show_progress_bar: bool | None = None, activation_fn=None,
                 apply_softmax: bool = False, convert_to_numpy: bool = True, convert_to_tensor: bool = False, *,
                 activation=None):
-        """Score (query, passage) pairs. Returns np.float32 of shape (N,); a single pair gives a scalar.
+        """Score (query, passage) pairs (`sentences`, sentence-transformers' name for them). Returns np.float32 of
+        shape (N,); a single pair gives a scalar.
 
         activation_fn (or `activation`): None for the model's default (raw logits for the ms-marco family), or a
         callable / 'sigmoid' / 'identity', applied to this call only. convert_to_tensor: a CPU torch.Tensor instead;
         convert_to_numpy=False (without it): a list of 0-d tensors. The arguments are sentence-transformers', in its
         order: `predict(pairs, 32, False, torch.nn.Sigmoid())` means what it means there."""
         refuse_softmax(apply_softmax)
-        single = isinstance(pairs, (list, tuple)) and len(pairs) == 2 and isinstance(pairs[0], str)
-        pairs = [pairs] if single else list(pairs)
+        single = isinstance(sentences, (list, tuple)) and len(sentences) == 2 and isinstance(sentences[0], str)
+        pairs = [sentences] if single else list(sentences)
         for i, pair in enumerate(pairs):
             if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(t, str) for t in pair)):
                 raise TypeError(f"pair {i} must be a (query, passage) tuple of two strings, got {pair!r}")
@@ -250,7 +251,8 @@ class CrossEncoder:
     def activate(self, logits: torch.Tensor, activation=None) -> torch.Tensor:
         """Scores from logits (N,): `activation` (see predict), or the model's default when None."""
         fn = activation_module(activation if activation is not None else self.activation)
-        # per pair, as sentence-transformers does: on (N, 1) rows, so a Softmax sees one logit, never the other pairs
+        # on (N, 1) rows, as sentence-transformers does per batch: a Softmax over dim 1 sees one logit; one over dim 0
+        # sees all N pairs here, each batch of batch_size there (docs/parity.md)
         return fn(logits[:, None]).reshape(len(logits)) if fn is not None else logits
 
     @torch.inference_mode()

@@ -24,6 +24,23 @@ from .checkpoint import CheckpointError, read_json
 
 # transformers' stand-in for "no limit" when tokenizer_config.json has no model_max_length
 NO_LIMIT = int(1e30)
+# tokenizer_config.json's tokenizer_class -> what the model is given besides input_ids and attention_mask, as
+# transformers' class of that name has it (its model_input_names); None: no class named, BERT's. The BERT-like classes
+# rebuild tokenizer.json's normalizer from tokenizer_config.json (normalize_as_configured); PreTrainedTokenizerFast
+# takes tokenizer.json as written.
+TOKENIZER_CLASSES = {None: True, "BertTokenizer": True, "BertTokenizerFast": True, "DistilBertTokenizer": False,
+                     "DistilBertTokenizerFast": False, "PreTrainedTokenizerFast": True}
+AS_WRITTEN = "PreTrainedTokenizerFast"
+MIN_LENGTH = 5  # at 4, truncation (as transformers does it) leaves the query no token: every query the same
+SIDES = {"truncation_side": "minilm truncates texts at their end only",
+         "padding_side": "minilm pads at the right only (BERT's positions count from the first token: padding at the "
+                         "left would shift them, and a pair's score would depend on the others in its batch)"}
+
+
+def check_side(name: str, side) -> None:
+    """truncation_side / padding_side must be "right": ValueError saying why otherwise."""
+    if side != "right":
+        raise ValueError(f"{name} {side!r}: {SIDES[name]}")
 
 
 def normalizer_settings(tokenizer_config: dict) -> dict:
@@ -118,8 +135,10 @@ class NoTokens(ValueError):
 class PairTokenizer:
     """Turns (query, passage) pairs into padded int64 arrays for the model."""
 
-    def __init__(self, tokenizer: Tokenizer, max_length: int, pad_token: str = "[PAD]", max_positions: int | None = None):
+    def __init__(self, tokenizer: Tokenizer, max_length: int, pad_token: str = "[PAD]", max_positions: int | None = None,
+                 token_types: bool = True):
         self.tokenizer = tokenizer
+        self.token_types = token_types  # False: every token in segment 0 (a tokenizer whose model gets no token_type_ids)
         self.max_positions = max_positions  # the model's position embeddings, when known: max_length's ceiling
         self.max_length = max_length
         self.pad_id = tokenizer.token_to_id(pad_token)
@@ -149,23 +168,18 @@ class PairTokenizer:
         if isinstance(max_length, bool) or not isinstance(max_length, numbers.Integral):
             raise TypeError(f"max_length must be a whole number of tokens, got {max_length!r}")
         max_length = int(max_length)
-        if max_length < 5:  # at 4, truncation (as transformers does it) leaves the query no token: every query the same
-            raise ValueError(f"max_length must be at least 5 ([CLS] query [SEP] passage [SEP] with a token of each), "
-                             f"got {max_length}")
+        if max_length < MIN_LENGTH:
+            raise ValueError(f"max_length must be at least {MIN_LENGTH} ([CLS] query [SEP] passage [SEP] with a token of "
+                             f"each), got {max_length}")
         if self.max_positions is not None and max_length > self.max_positions:
             raise ValueError(f"max_length {max_length} exceeds the model's {self.max_positions} position embeddings")
         self._max_length = max_length
 
     model_max_length = max_length
 
-    @property
-    def truncation_side(self) -> str:
-        return "right"
-
-    @truncation_side.setter
-    def truncation_side(self, side: str) -> None:  # as transformers' attribute, never silently ignored
-        if side != "right":
-            raise ValueError(f"truncation_side {side!r}: minilm truncates texts at their end only")
+    # transformers' attributes, never silently ignored
+    truncation_side = property(lambda self: "right", lambda self, side: check_side("truncation_side", side))
+    padding_side = property(lambda self: "right", lambda self, side: check_side("padding_side", side))
 
     @classmethod
     def from_dir(cls, path: Path, max_length: int | None, max_position_embeddings: int) -> "PairTokenizer":
@@ -175,25 +189,40 @@ class PairTokenizer:
         config = read_json(config_file) if config_file.exists() else {}
         # special tokens may be stored as serialized AddedTokens: {"content": "[PAD]", "lstrip": false, ...}
         config = {k: v["content"] if isinstance(v, dict) and "content" in v else v for k, v in config.items()}
+        kind = config.get("tokenizer_class")
+        if kind not in TOKENIZER_CLASSES:
+            raise CheckpointError(f"{config_file}: tokenizer_class {json.dumps(kind)}: minilm tokenizes only as "
+                                  f"{', '.join(k for k in TOKENIZER_CLASSES if k)} (or none named: BERT's) do")
         if (path / "tokenizer.json").exists():
             try:
                 tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
             except Exception as e:  # the library raises a bare Exception that does not name the file
                 raise CheckpointError(f"{path / 'tokenizer.json'}: not a valid tokenizer file ({e})") from None
-            normalize_as_configured(tokenizer, config)
-        elif (path / "vocab.txt").exists():
+            if kind != AS_WRITTEN:
+                normalize_as_configured(tokenizer, config)
+        elif (path / "vocab.txt").exists() and kind != AS_WRITTEN:
             tokenizer = build_from_vocab(path / "vocab.txt", config)
         else:
-            raise FileNotFoundError(f"{path}: no tokenizer.json and no vocab.txt")
-        if config.get("truncation_side", "right") != "right":  # sentence-transformers would cut the query's start
-            raise CheckpointError(f"{config_file}: truncation_side {config['truncation_side']!r}: minilm truncates "
-                                  "texts at their end only")
+            raise FileNotFoundError(f"{path}: no tokenizer.json{'' if kind == AS_WRITTEN else ' and no vocab.txt'}")
+        for side in ("truncation_side", "padding_side"):  # sentence-transformers would cut the query's start, or pad left
+            try:
+                check_side(side, config.get(side, "right"))
+            except ValueError as e:
+                raise CheckpointError(f"{config_file}: {e}") from None
+        names = config.get("model_input_names", ["input_ids", "token_type_ids", "attention_mask"] if TOKENIZER_CLASSES[kind]
+                           else ["input_ids", "attention_mask"])
+        if not (isinstance(names, list) and all(isinstance(n, str) for n in names) and "input_ids" in names):
+            raise CheckpointError(f"{config_file}: model_input_names must be a list of names with input_ids, got "
+                                  f"{json.dumps(names)}")
         limit = config.get("model_max_length") or NO_LIMIT
         if isinstance(limit, bool) or not isinstance(limit, (int, float)):
             raise CheckpointError(f"{config_file}: model_max_length must be a number, got {json.dumps(limit)}")
         limit = min(int(limit), max_position_embeddings)
+        if max_length is None and limit < MIN_LENGTH:
+            raise CheckpointError(f"{config_file}: model_max_length {limit} is below {MIN_LENGTH} tokens, too few for a "
+                                  "pair; pass a max_length")
         return cls(tokenizer, limit if max_length is None else max_length, config.get("pad_token", "[PAD]"),
-                   max_position_embeddings)
+                   max_position_embeddings, token_types="token_type_ids" in names)
 
     def encode(self, pairs, require_tokens: bool = False) -> list[PairEncoding]:
         """Unpadded [CLS] query [SEP] passage [SEP] ids of (query, passage) pairs, truncated longest-first.
@@ -216,7 +245,7 @@ class PairTokenizer:
                     n_q = n_q if q_whole else self.count(query)
                     n_p = n_p if p_whole else self.count(passage)
                 a, b = longest_first(n_q, n_p, budget)
-                out.append(PairEncoding(cls + q[:a] + sep + p[:b] + sep, [0] * (a + 2) + [1] * (b + 1)))
+                out.append(PairEncoding(cls + q[:a] + sep + p[:b] + sep, [0] * (a + 2) + [int(self.token_types)] * (b + 1)))
         return out
 
     def heads(self, texts, budget: int) -> list[tuple[list, bool]]:

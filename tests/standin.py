@@ -59,6 +59,34 @@ def build_standin(out_dir) -> Path:
     return out_dir
 
 
+# Copies of the stand-in whose tokenizer files say other things (tests/reference/make_golden.py records what
+# sentence-transformers does with each): name -> (tokenizer_config.json keys set, tokenizer.json normalizer keys set)
+TOKENIZER_VARIANTS = {
+    "as-written-lowercasing": ({"tokenizer_class": "PreTrainedTokenizerFast", "do_lower_case": False}, {}),
+    "as-written-cased": ({"tokenizer_class": "PreTrainedTokenizerFast"}, {"lowercase": False}),
+    "no-token-types": ({"model_input_names": ["input_ids", "attention_mask"]}, {}),
+    "distilbert-cased": ({"tokenizer_class": "DistilBertTokenizer", "do_lower_case": False}, {}),
+}
+TOKENIZER_VARIANT_PAIRS = [("Who lives in Berlin?", "Café naïve, Тёмная ночь, Berlin is big"),
+                           ("ÉCOLE Ёлка", "Straße ÄÖÜ 北京市"), ("q", "A much longer passage, so that the batch is padded.")]
+
+
+def tokenizer_variant(standin_dir, out_dir, name: str) -> Path:
+    """A copy of the stand-in (weights linked, not copied) with TOKENIZER_VARIANTS[name] written into its tokenizer."""
+    config_keys, normalizer_keys = TOKENIZER_VARIANTS[name]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True)
+    for f in Path(standin_dir).iterdir():
+        if f.name not in ("tokenizer_config.json", "tokenizer.json"):
+            (out_dir / f.name).symlink_to(f.resolve())
+    config = json.loads((Path(standin_dir) / "tokenizer_config.json").read_text())
+    (out_dir / "tokenizer_config.json").write_text(json.dumps({**config, **config_keys}, indent=2))
+    tokenizer = json.loads((Path(standin_dir) / "tokenizer.json").read_text())
+    tokenizer["normalizer"].update(normalizer_keys)
+    (out_dir / "tokenizer.json").write_text(json.dumps(tokenizer))
+    return out_dir
+
+
 def model_or_standin(model: str | None, folder=None) -> str:
     """`model` if one is given, else the stand-in built in `folder` (default: a new temporary one): bench/'s default."""
     if model:

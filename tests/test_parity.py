@@ -6,6 +6,7 @@ rank orders must be identical. The stand-in's logits are small (|x| < 0.05) but 
 
 import json
 import math
+import re
 import sys
 import warnings
 
@@ -17,6 +18,7 @@ from tokenizers import Tokenizer, normalizers
 from minilm import CrossEncoder
 from minilm.checkpoint import CheckpointError
 from minilm.tokenizer import PairTokenizer, longest_first
+from standin import TOKENIZER_VARIANT_PAIRS, TOKENIZER_VARIANTS, tokenizer_variant
 
 TOL = 1e-5
 
@@ -120,15 +122,43 @@ def test_tokenizer_config_overrides_the_normalizer_as_transformers_does(standin_
     assert ([e.ids for e in ours] != [e.ids for e in plain]) == changed
 
 
-def test_left_truncation_is_refused(standin_dir, tmp_path):
+@pytest.mark.parametrize("name", list(TOKENIZER_VARIANTS))
+def test_tokenizer_class_and_model_input_names_as_in_sentence_transformers(standin_dir, tmp_path, golden, name):
+    """PreTrainedTokenizerFast takes tokenizer.json as written (no normalizer rebuilt from tokenizer_config.json);
+    DistilBERT's tokenizer, or model_input_names without token_type_ids, gives the model no token types (all 0)."""
+    want = golden["tokenizer_variants"][name]
+    model = CrossEncoder.from_pretrained(tokenizer_variant(standin_dir, tmp_path / name, name), device="cpu")
+    encodings = model.tokenizer.encode(TOKENIZER_VARIANT_PAIRS)
+    assert [e.ids for e in encodings] == want["input_ids"]
+    assert [e.type_ids for e in encodings] == (want["token_type_ids"] or [[0] * len(ids) for ids in want["input_ids"]])
+    assert max_diff(model.predict(TOKENIZER_VARIANT_PAIRS), want["logits"]) <= TOL
+    if name != "as-written-lowercasing":  # which keeps the stand-in's lowercasing: its do_lower_case false is not read
+        standin = CrossEncoder.from_pretrained(standin_dir, device="cpu")
+        assert max_diff(standin.predict(TOKENIZER_VARIANT_PAIRS), want["logits"]) > 1e-3
+
+
+@pytest.mark.parametrize("setting, message", [
+    ({"truncation_side": "left"}, "truncation_side 'left': minilm truncates texts at their end only"),
+    ({"padding_side": "left"}, "padding_side 'left': minilm pads at the right only"),
+    ({"tokenizer_class": "XLMRobertaTokenizer"}, 'tokenizer_class "XLMRobertaTokenizer": minilm tokenizes only as '
+                                                 "BertTokenizer, "),
+    ({"model_input_names": "input_ids"}, 'model_input_names must be a list of names with input_ids, got "input_ids"'),
+    ({"model_max_length": 4}, "model_max_length 4 is below 5 tokens, too few for a pair; pass a max_length"),
+])
+def test_tokenizer_settings_minilm_cannot_follow_are_refused(standin_dir, tmp_path, setting, message):
     folder = tmp_path / "model"
     folder.mkdir()
     for f in standin_dir.iterdir():
         (folder / f.name).symlink_to(f)
     (folder / "tokenizer_config.json").unlink()
-    (folder / "tokenizer_config.json").write_text(json.dumps({"truncation_side": "left"}))
-    with pytest.raises(CheckpointError, match="truncation_side 'left': minilm truncates texts at their end only"):
-        PairTokenizer.from_dir(folder, 64, 512)
+    (folder / "tokenizer_config.json").write_text(json.dumps(setting))
+    with pytest.raises(CheckpointError, match=f"^{folder / 'tokenizer_config.json'}: " + re.escape(message)):
+        PairTokenizer.from_dir(folder, None, 512)
+    tokenizer = PairTokenizer.from_dir(standin_dir, 64, 512)
+    for side in ("truncation_side", "padding_side"):  # the attributes, set as in transformers
+        with pytest.raises(ValueError, match=f"{side} 'left'"):
+            setattr(tokenizer, side, "left")
+        setattr(tokenizer, side, "right")
 
 
 def long_texts(golden_pairs) -> dict:
@@ -305,12 +335,14 @@ def test_activation_applies_to_one_call_only(standin_model, golden, golden_pairs
 
 def test_positional_arguments_mean_what_they_mean_in_sentence_transformers(standin_model, golden, golden_pairs,
                                                                            tiny_indices):
-    """predict(pairs, batch_size, show_progress_bar, activation_fn) and rank(query, documents, top_k,
+    """predict(sentences, batch_size, show_progress_bar, activation_fn) and rank(query, documents, top_k,
     return_documents, batch_size, show_progress_bar, activation_fn): code written for sentence-transformers passes its
-    arguments in that order, and an activation taken for something else would give raw logits without a word."""
+    arguments in that order (or by those names), and an activation taken for something else would give raw logits
+    without a word."""
     pairs = [golden_pairs[i] for i in tiny_indices]
     sigmoid = 1.0 / (1.0 + np.exp(-np.asarray([golden["logits"]["512"]["32"][i] for i in tiny_indices])))
     assert max_diff(standin_model.predict(pairs, 32, False, torch.nn.Sigmoid()), sigmoid) <= TOL / 4
+    assert max_diff(standin_model.predict(sentences=pairs, batch_size=32, activation_fn=torch.nn.Sigmoid()), sigmoid) <= TOL / 4
     query, documents = pairs[0][0], [p for _, p in pairs[:4]]
     plain = standin_model.rank(query, documents)
     for results in (standin_model.rank(query, documents, None, False, 32, False, torch.nn.Sigmoid()),

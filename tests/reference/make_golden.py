@@ -17,6 +17,8 @@ What it records (the test suite, which runs WITHOUT these libraries, compares mi
     max_length 64 and a 2-layer variant of the stand-in;
   * rank() results (corpus ids + scores) for a TyDi-ru query with its 20 candidates, the card query with its 5
     passages, and a document list with duplicates (ties keep input order);
+  * copies of the stand-in whose tokenizer files name another tokenizer class or leave out token_type_ids: the
+    ids and token types ST gives them and its logits;
   * interoperability: minilm loads the stand-in and save_pretrained()s it; ST 5.1.0 and plain transformers load that
     folder and give the original ST scores (<= 1e-6) with the Identity activation; minilm loads an ST-saved folder.
 
@@ -40,7 +42,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent.parent
 sys.path[:0] = [str(REPO), str(REPO / "tests")]
 
-from standin import build_standin  # noqa: E402
+from standin import TOKENIZER_VARIANT_PAIRS, TOKENIZER_VARIANTS, build_standin, tokenizer_variant  # noqa: E402
 
 SHARED = Path(os.environ.get("MINILM_SHARED", Path(__file__).resolve().parents[3] / "shared"))
 TYDI_TEST = SHARED / "data" / "tydiqa_ru" / "test.jsonl"
@@ -401,6 +403,22 @@ def main():
     assert st_saved_diff <= TOL_INTEROP and hf_diff <= TOL_INTEROP and hf_tok.model_max_length == 512
     assert from_st_diff <= TOL_GOLDEN and from_st.activation == "torch.nn.modules.linear.Identity"
 
+    # --- tokenizer files that say other things: tokenizer_class, model_input_names ---
+    variants = {}
+    for name in TOKENIZER_VARIANTS:
+        st_variant = STCrossEncoder(str(tokenizer_variant(standin, tmp / f"variant-{name}", name)), device="cpu")
+        features = st_variant.tokenizer(*zip(*TOKENIZER_VARIANT_PAIRS), padding=True, truncation="longest_first",
+                                        return_tensors="pt", max_length=st_variant.max_length)
+        mask = features["attention_mask"].bool()
+        type_ids = features.get("token_type_ids")
+        variants[name] = {
+            "tokenizer": type(st_variant.tokenizer).__name__,
+            "input_ids": [row[m].tolist() for row, m in zip(features["input_ids"], mask)],
+            "token_type_ids": None if type_ids is None else [row[m].tolist() for row, m in zip(type_ids, mask)],
+            "logits": floats(st_variant.predict([list(p) for p in TOKENIZER_VARIANT_PAIRS], batch_size=32)),
+        }
+    log("tokenizer variants:", {k: (v["tokenizer"], v["token_type_ids"] is not None) for k, v in variants.items()})
+
     # --- held-out pairs (never written to the golden file) ---
     rng = random.Random(20250917)
     train_rows = read_jsonl(TYDI_TRAIN)
@@ -440,6 +458,7 @@ def main():
         "two_layer_logits": {"num_hidden_layers": TWO_LAYERS, "batch_size": 32, "logits": two_layer_logits},
         "rank": rank,
         "interop": interop,
+        "tokenizer_variants": variants,
         "generator_checks": {"minilm_max_abs_diff": golden_diff, "minilm_max_abs_diff_64": golden_diff64,
                              "st_batch_size_spread": spread, "heldout": heldout},
     }
