@@ -168,6 +168,7 @@ def parse_config(argv) -> TrainConfig:
         (not cfg.train, "--train FILE is required"),
         (not cfg.output, "--output DIR is required"),
         (cfg.eval_every and not cfg.eval, "--eval-every needs --eval FILE"),
+        (cfg.train == cfg.eval == "-", "--train and --eval cannot both read standard input ('-')"),
         (cfg.resume and cfg.overwrite_output, "--resume continues the run in --output; --overwrite-output starts over: not both"),
     ]:
         if bad:
@@ -344,6 +345,7 @@ def encode(pairs, path):
 t0 = time.time()
 encodings = encode(train_pairs, cfg.train)  # once; each batch is padded or packed
 encode(eval_pairs, cfg.eval)  # checked only: evaluation scores them itself
+tokenize_seconds = time.time() - t0
 labels_all = torch.tensor([p.label for p in train_pairs], dtype=torch.float32)
 # the fast loop's forward on real tokens only (minilm/unpadded.py); as CUDA graphs, the padded model on length buckets
 train_model = Unpadded(model) if fast and not graphed else model
@@ -475,11 +477,21 @@ def save_checkpoint(step):
     if ddp:
         dist.barrier()
     if master:
-        shutil.rmtree(final, ignore_errors=True)
+        if final.exists():  # resumed from an earlier checkpoint, this step was saved before
+            remove_checkpoint(final)
         os.replace(tmp, final)
         fsync(out)
         for old in checkpoints(out, run_info)[: -cfg.keep_checkpoints]:  # never another run's
-            shutil.rmtree(old)
+            remove_checkpoint(old)
+
+
+def remove_checkpoint(folder: Path) -> None:
+    """Renamed out of the way first: a run killed while deleting it leaves a temporary folder (removed when the next
+    run starts), never a checkpoint-STEP that cannot be resumed from."""
+    doomed = folder.with_name(f".{folder.name}.deleted.tmp")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(folder, doomed)
+    shutil.rmtree(doomed)
 
 
 def json_line(entry) -> str:
@@ -555,10 +567,10 @@ if master:
             pass  # a file system without locks (some network ones): nothing to check with
         if cfg.overwrite_output:  # the earlier run's files only: not a failed new run beside an old model
             for old in checkpoints(out):
-                shutil.rmtree(old)
+                remove_checkpoint(old)
             for name in ("model.safetensors", "config.json", "README.md", "loss.svg", *TOKENIZER_FILES):
                 (out / name).unlink(missing_ok=True)
-        for tmp in out.glob(".checkpoint-*.tmp"):  # left by a run killed while saving
+        for tmp in out.glob(".checkpoint-*.tmp"):  # left by a run killed while saving or deleting a checkpoint
             shutil.rmtree(tmp, ignore_errors=True)
         write_text(out / "log.jsonl", "".join(json_line(r) for r in state["history"]))
         log_file = open(out / "log.jsonl", "a", encoding="utf-8")
@@ -616,8 +628,8 @@ def untimed():
 
 # ------------------------------------------------------------------------------------------------------ the loop
 n_params = sum(p.numel() for p in model.parameters())
-log(f"{N} training pairs (tokenized in {time.time() - t0:.1f} s), {steps_per_epoch} steps/epoch, {total_steps} steps "
-    f"({epochs} epochs), {n_params / 1e6:.1f}M parameters, {'exact' if cfg.exact else 'fast'} loop"
+log(f"{N} training pairs (tokenized in {tokenize_seconds:.1f} s), {steps_per_epoch} steps/epoch, {total_steps} steps "
+    f"({total_steps / steps_per_epoch:.4g} epochs), {n_params / 1e6:.1f}M parameters, {'exact' if cfg.exact else 'fast'} loop"
     f"{' as CUDA graphs' if graphed else ''}, {precision} on {device}{f', {world} processes' if ddp else ''}, "
     f"max_length {ce.max_length}")
 
@@ -712,7 +724,8 @@ def model_card() -> str:
     losses = [r for r in state["history"] if "loss" in r]
     evals = [r for r in state["history"] if "eval_mrr@10" in r and r.get("eval_sha256", eval_sha256) == eval_sha256]
     settings = {k: v for k, v in asdict(cfg).items() if k not in ("train", "output", "resume", "overwrite_output") and v != ""}
-    settings.update(epochs=epochs, precision=precision, processes=world, total_steps=total_steps,  # as run, not as asked
+    settings.update(epochs=epochs if total_steps % steps_per_epoch == 0 else round(total_steps / steps_per_epoch, 4),
+                    precision=precision, processes=world, total_steps=total_steps,  # as run, not as asked
                     max_length=ce.max_length, device=str(device))
     settings = {k: str(v).lower() if isinstance(v, bool) else v for k, v in settings.items()}  # as the options take them
     return "\n".join([
@@ -724,12 +737,13 @@ def model_card() -> str:
         "```python", "from minilm import CrossEncoder", f'model = CrossEncoder.from_pretrained("{out}")',
         'scores = model.predict([("query", "passage")])', "```", "",
         "## Training data", "",
-        f"`{cfg.train}`: {N:,} pairs, mean label {sum(p.label for p in train_pairs) / N:.3f}.", "",
+        f"`{cfg.train}`: {N:,} pair{'s' if N > 1 else ''}, mean label {sum(p.label for p in train_pairs) / N + 0.0:.3f}.", "",
         "## Hyperparameters", "", "| setting | value |", "|:--|:--|",
         *(f"| {k} | `{v}` |" for k, v in settings.items()), "",
         "## Training logs", "", "| Epoch | Step | Training Loss |", "|:-:|:-:|:-:|",
         *(f"| {r['epoch']:.4f} | {r['step']} | {r['loss']:.4f} |" for r in losses), "",
-        f"train_loss (mean of all {step} steps) {summary['train_loss']:.4f}, {elapsed:.0f} s.", "",
+        f"train_loss (mean of all {step} steps) {summary['train_loss']:.4f}, {elapsed:.0f} s"
+        f"{f' since resuming at step {first_step}' if first_step else ''}.", "",
         *(["## Evaluation", "", f"`{cfg.eval}`: {len(eval_pairs):,} pairs.", "",
            "| Step | MRR@10 | NDCG@10 | R@1 | queries |", "|:-:|:-:|:-:|:-:|:-:|",
            *(f"| {r['step']} | {r['eval_mrr@10']:.4f} | {r['eval_ndcg@10']:.4f} | {r['eval_r@1']:.4f} | {r['eval_queries']} |" for r in evals), ""]

@@ -43,6 +43,9 @@ def resolve(name_or_path: str, revision: str | None = None, **hub) -> Path:
     An existing directory is used as it is. A name is looked for under weights/ exactly as written (`NAME` in
     weights/NAME, a Hub id `org/NAME` in weights/org/NAME) unless a revision is asked for, then on the Hub. A path
     that does not exist (`./x`, `/a/b`, `a/b/c`) is an error, never a fallback to something else."""
+    if not str(name_or_path).strip():  # Path("") is the current folder
+        raise CheckpointError(f"the model name is empty ({str(name_or_path)!r}): give a local folder, a name under "
+                              "weights/ or a Hugging Face Hub id")
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         if revision is not None:  # a folder has no revisions: using it anyway would score with some other version

@@ -19,9 +19,14 @@ from .metrics import RELEVANT, has_relevant, rerank_metrics
 
 
 def evaluate(ce, pairs, batch_size: int = 32) -> dict:
-    """Metrics of CrossEncoder `ce` on labelled `pairs` (data.Pair); raw logits rank the same as any monotone activation."""
+    """Metrics of CrossEncoder `ce` on labelled `pairs` (data.Pair); raw logits rank the same as any monotone activation.
+
+    Each distinct (query, passage) is scored once: two copies scored apart (or in one padded batch) can differ in
+    their last bits, and the metrics' tie rule would not see their tie."""
+    texts = [(p.query, p.passage) for p in pairs]
+    distinct = {text: i for i, text in enumerate(dict.fromkeys(texts))}
     with torch.inference_mode():
-        scores = ce.score_logits([(p.query, p.passage) for p in pairs], batch_size).numpy()
+        scores = ce.score_logits(list(distinct), batch_size).numpy()[[distinct[text] for text in texts]]
     groups = [p.qid if p.qid is not None else p.query for p in pairs]
     return rerank_metrics(groups, [p.label for p in pairs], scores)
 

@@ -235,7 +235,7 @@ def test_a_run_shorter_than_log_every_logs_its_steps(standin_dir, tmp_path):
     assert summary["train_loss"] == pytest.approx(logged[0]["loss"])
     assert "<polyline" in (tmp_path / "loss.svg").read_text() and "| 3 |" in (tmp_path / "README.md").read_text()
     card = (tmp_path / "README.md").read_text()
-    assert "| max_steps | `3` |" in card and "| epochs | `1` |" in card  # what ran, not the unused --epochs 30
+    assert "| max_steps | `3` |" in card and "| epochs | `0.5` |" in card  # what ran (6 steps an epoch), not --epochs 30
 
 
 def test_a_diverging_run_stops_with_status_1_and_keeps_the_last_good_checkpoint(standin_dir, tmp_path):

@@ -261,6 +261,8 @@ def test_bad_data_exits_2_naming_the_line(tmp_path, train_inprocess, name, text,
     (["--seed", str(2**32)], f"--seed must be in [0, 2**32) (numpy's limit), got {2**32}"),
     (["--fp16-init-scale", "inf"], "--fp16-init-scale must be > 0 and below 3.4e38"),  # every step skipped, nothing trained
     (["--eval-every", "5"], "--eval-every needs --eval FILE"),
+    (["--train", "-", "--eval", "-"], "--train and --eval cannot both read standard input ('-')"),
+    (["--model="], "the model name is empty (''): give a local folder"),  # not the current folder
     (["--max-steps", "300000000"], "train.py runs at most 100,000,000"),  # not a MemoryError building the lr table
     (["--epochs", "200000000"], "train.py runs at most 100,000,000"),
     (["--seed", "-1"], "--seed must be in [0, 2**32) (numpy's limit), got -1"),
@@ -558,6 +560,35 @@ def test_a_write_that_fails_in_torch_or_safetensors_is_one_line(standin_dir, tmp
     assert not list(out.glob(".*")) and not (out / "model.safetensors").exists()  # no writer's temporary file or folder
 
 
+KILLED_WHILE_DELETING = """
+import os, runpy, shutil, signal, sys
+rmtree = shutil.rmtree
+def rmtree_then_die(path, *args, **kwargs):  # SIGKILL halfway through deleting checkpoint-1
+    state = os.path.join(path, "trainer_state.json")
+    if os.path.basename(path) in ("checkpoint-1", ".checkpoint-1.deleted.tmp") and os.path.isfile(state):
+        os.remove(state)
+        os.kill(os.getpid(), signal.SIGKILL)
+    return rmtree(path, *args, **kwargs)
+shutil.rmtree = rmtree_then_die
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_run_killed_while_deleting_a_checkpoint_leaves_none_half_deleted(standin_dir, tmp_path):
+    """A checkpoint being deleted (--keep-checkpoints) is renamed out of the way first. Deleted in place, a kill
+    halfway left a checkpoint-STEP without its trainer_state.json: never counted as the run's again, never removed,
+    and offered by --resume's error as the one to go back to."""
+    out = tmp_path / "out"
+    args = short_run(standin_dir, out, "--max-steps", 3, "--keep-checkpoints", 1)
+    killed = subprocess.run([sys.executable, "-c", KILLED_WHILE_DELETING, TRAIN, *map(str, args)], cwd=REPO,
+                            capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -9, killed.stderr
+    assert not (out / "checkpoint-1").exists() and (out / "checkpoint-2" / "trainer_state.json").is_file()
+    train(*args, "--resume", "latest")
+    assert sorted(p.name for p in out.iterdir() if "checkpoint" in p.name) == ["checkpoint-3"]
+
+
 def test_a_second_run_in_the_same_output_is_refused(standin_dir, tmp_path, train_inprocess):
     """Two runs in one folder would mix logs, checkpoints and models, and both say they saved theirs. The running one
     holds a lock on the folder (taken here as it would hold it)."""
@@ -658,6 +689,18 @@ def test_metrics_by_hand():
     assert (flat["mrr@10"], flat["r@1"]) == (0.2, 0.0) and flat["ndcg@10"] == pytest.approx(1 / math.log2(6))
     graded = rerank_metrics(["q"] * 3, [0.5, 1.0, 0.0], [3, 2, 1])["ndcg@10"]
     assert graded == pytest.approx((0.5 + 1 / math.log2(3)) / (1 + 0.5 / math.log2(3)))
+
+
+def test_copies_of_a_pair_tie_whatever_the_file_order(standin_dir, tmp_path, capsys):
+    """Two copies of one pair, one relevant: scored apart they differed in their last bits (7e-9), and the file's
+    order decided which came first (MRR 1.0 one way, 0.5 the other). The tie counts against the model both ways."""
+    rows = ['{"qid": 1, "query": "Где находится Москва?", "passage": "Москва — столица России.", "label": %d}' % label
+            for label in (0, 1)]
+    for order in (rows, rows[::-1]):
+        (tmp_path / "pairs.jsonl").write_text("\n".join(order) + "\n")
+        evaluate_main(["--model", str(standin_dir), "--data", str(tmp_path / "pairs.jsonl"), "--device", "cpu",
+                       "--max-length", "32"])  # where the stand-in's two copies in one batch differed
+        assert capsys.readouterr().out.startswith("MRR@10 0.5000 | NDCG@10 0.6309 | R@1 0.0000")
 
 
 def test_loss_chart_leaves_out_non_finite_points():
