@@ -207,6 +207,11 @@ class CrossEncoder:
         return next(self.model.parameters()).device
 
     @property
+    def num_labels(self) -> int:
+        """Logits per pair, as sentence-transformers' attribute: the head has one."""
+        return 1
+
+    @property
     def max_length(self) -> int:
         """Tokens per pair; assignable, as in sentence-transformers (5 to the model's position embeddings)."""
         return self.tokenizer.max_length

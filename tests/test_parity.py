@@ -360,7 +360,7 @@ def test_constructed_by_name_as_in_sentence_transformers(standin_dir, standin_mo
         CrossEncoder(standin_model.model)
     # sentence-transformers' positional order: num_labels, max_length, activation_fn, device
     model = CrossEncoder(str(standin_dir), None, 64, torch.nn.Sigmoid(), "cpu")
-    assert model.max_length == 64 and model.device.type == "cpu"
+    assert model.max_length == 64 and model.device.type == "cpu" and model.num_labels == 1
     assert max_diff(model.predict(pairs), 1 / (1 + np.exp(-standin_model.predict(pairs)))) <= TOL
     with pytest.raises(ValueError, match="num_labels=2: minilm's cross-encoder has a 1-logit head"):
         CrossEncoder(str(standin_dir), num_labels=2)
