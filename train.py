@@ -730,7 +730,7 @@ def model_card() -> str:
     settings = {k: str(v).lower() if isinstance(v, bool) else v for k, v in settings.items()}  # as the options take them
     return "\n".join([
         "---", "library_name: minilm", "pipeline_tag: text-ranking", f"base_model: {cfg.model}",
-        "tags: [cross-encoder, reranker, generated_from_trainer, loss:BinaryCrossEntropyLoss]", "---", "",
+        f"tags: [cross-encoder, reranker, generated_from_trainer, dataset_size:{N}, loss:BinaryCrossEntropyLoss]", "---", "",
         f"# Cross-encoder fine-tuned from `{cfg.model}`", "",
         "Trained with minilm's `train.py` (the sentence-transformers CrossEncoderTrainer recipe, BCE on raw logits). "
         "Scores are raw logits; apply a sigmoid for probabilities.", "",

@@ -249,8 +249,8 @@ class CrossEncoder:
                                      f"at character {e.start})") from None
         scores = self.activate(self.score_logits(pairs, batch_size, show_progress_bar),
                                activation if activation is not None else activation_fn)
-        if not convert_to_tensor:
-            scores = scores.numpy() if convert_to_numpy else list(scores)
+        if not convert_to_tensor:  # no pairs: float64, sentence-transformers' np.array([])
+            scores = (scores if pairs else scores.double()).numpy() if convert_to_numpy else list(scores)
         return scores[0] if single else scores
 
     def activate(self, logits: torch.Tensor, activation=None) -> torch.Tensor:
@@ -352,7 +352,8 @@ class CrossEncoder:
                 config = {"tokenizer_class": "BertTokenizer", "do_lower_case": True}
                 if source is not None and (source / name).exists():
                     config = read_json(source / name)
-                write_json(path / name, {**config, "model_max_length": self.max_length})
+                write_json(path / name, {**config, "model_max_length": self.max_length, "padding_side": "right",
+                                         "truncation_side": "right"})
             elif source is not None and (source / name).exists():
                 if (source / name).resolve() != (path / name).resolve():
                     atomic_write(path / name, lambda tmp, name=name: shutil.copyfile(source / name, tmp))
@@ -374,5 +375,6 @@ class CrossEncoder:
             position_embedding_type="absolute",
             dtype="float32",
             sentence_transformers={"activation_fn": activation_path(self.activation), "version": "5.1.0"},
+            transformers_version="4.56.0",  # the format written is that version's, not the source checkpoint's
         )
         return dict(sorted(config.items()))

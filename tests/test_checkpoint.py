@@ -75,7 +75,7 @@ def max_diff(a, b) -> float:
 # save_pretrained -> from_pretrained
 
 
-def test_save_pretrained_round_trip_is_exact(standin_model, standin_state, short, tmp_path):
+def test_save_pretrained_round_trip_is_exact(standin_model, standin_state, short, tmp_path, golden):
     pairs, gold = short
     out = tmp_path / "saved"
     standin_model.save_pretrained(out)
@@ -89,6 +89,10 @@ def test_save_pretrained_round_trip_is_exact(standin_model, standin_state, short
     assert max_diff(theirs.numpy(), gold) <= TOL
 
     config = json.loads((out / "config.json").read_text())
+    assert config == golden["interop"]["st_saved_config"]  # what sentence-transformers 5.1 saves, key for key
+    tokenizer_config = json.loads((out / "tokenizer_config.json").read_text())
+    assert {k: tokenizer_config[k] for k in ("model_max_length", "padding_side", "truncation_side")} == \
+        {"model_max_length": 512, "padding_side": "right", "truncation_side": "right"}
     assert config["sentence_transformers"]["activation_fn"] == IDENTITY
     assert "sbert_ce_default_activation_function" not in config
     assert config["architectures"] == ["BertForSequenceClassification"] and config["model_type"] == "bert"
@@ -104,7 +108,8 @@ def test_save_pretrained_round_trip_is_exact(standin_model, standin_state, short
     for name in TOKENIZER_FILES:
         if name == "tokenizer_config.json":  # the source's, with the max_length the model scores with
             saved, source = (json.loads((folder / name).read_text()) for folder in (out, standin_model.source_dir))
-            assert saved == {**source, "model_max_length": standin_model.max_length}
+            assert saved == {**source, "model_max_length": standin_model.max_length, "padding_side": "right",
+                             "truncation_side": "right"}
         else:
             assert (out / name).read_bytes() == (standin_model.source_dir / name).read_bytes()
 

@@ -313,10 +313,13 @@ def test_single_pair_gives_a_float32_scalar(standin_model, golden, golden_pairs)
             assert abs(float(score) - golden["logits"]["512"]["1"][i]) <= TOL
 
 
-def test_empty_input_gives_an_empty_float32_array(standin_model):
-    for empty in ([], ()):
+def test_empty_input_gives_what_sentence_transformers_gives(standin_model):
+    for empty in ([], ()):  # np.array([]): float64, as sentence-transformers 5.1 returns it
         scores = standin_model.predict(empty)
-        assert isinstance(scores, np.ndarray) and scores.dtype == np.float32 and scores.shape == (0,)
+        assert isinstance(scores, np.ndarray) and scores.dtype == np.float64 and scores.shape == (0,)
+        tensor = standin_model.predict(empty, convert_to_tensor=True)
+        assert tensor.dtype == torch.float32 and tensor.shape == (0,)
+        assert standin_model.predict(empty, convert_to_numpy=False) == []
     assert standin_model.rank("query", []) == []
 
 

@@ -396,6 +396,7 @@ def main():
         "st_loads_minilm_saved": {"activation_fn": st_saved_activation, "max_abs_diff": st_saved_diff},
         "transformers_loads_minilm_saved": {"model_class": type(hf_model).__name__, "tokenizer_model_max_length": hf_tok.model_max_length, "max_abs_diff": hf_diff},
         "minilm_loads_st_saved": {"activation": from_st.activation, "max_abs_diff": from_st_diff},
+        "st_saved_config": json.loads((st_dir / "config.json").read_text()),
         "tolerance": TOL_INTEROP,
     }
     log("interop:", json.dumps(interop))
