@@ -104,6 +104,22 @@ def test_final_weights_match_the_trainer(run):
     assert_same_weights(run, GOLDEN["final_weights"])
 
 
+def test_warmup_weight_decay_and_log_intervals_match_the_trainer(standin_dir, tmp_path):
+    """What the golden run leaves at 0 or 1, as the trainer does it: warmup (3 of 12 steps), weight decay (never on
+    biases and LayerNorms: the parameter groups), and the loss averaged over log intervals of 4 steps."""
+    variant = GOLDEN["recipe_variant"]
+    args = variant["args"]
+    train(*golden_args(standin_dir, tmp_path, "--epochs", args["epochs"], "--warmup-ratio", args["warmup_ratio"],
+                       "--weight-decay", args["weight_decay"], "--log-every", args["logging_steps"]))
+    logged = [r for r in read_log(tmp_path) if "loss" in r]
+    assert [(r["step"], r["epoch"], r["lr"]) for r in logged] == [(r["step"], r["epoch"], r["lr"]) for r in variant["logged"]]
+    for ours, ref in zip(logged, variant["logged"]):
+        assert round(ours["loss"], 4) == ref["loss"], ours  # the trainer logs the interval's mean to 4 decimals
+        assert ours["grad_norm"] == (ref["grad_norm"] if EXACT else pytest.approx(ref["grad_norm"], rel=1e-5))
+    assert summary(read_log(tmp_path)) == pytest.approx(variant["train_loss"], abs=0 if EXACT else 1e-6)
+    assert_same_weights(tmp_path, variant["final_weights"])
+
+
 def test_batches_are_the_trainers():
     """The golden rows come from the trainer's collator; train.py takes chunks of randperm(N, seed + epoch)."""
     n, bs = GOLDEN["train_size"], ARGS["batch_size"]
