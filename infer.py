@@ -19,6 +19,7 @@ are instant and the time to the first score is the time to load the model.
 """
 
 import argparse
+import bisect
 import contextlib
 import fcntl
 import hashlib
@@ -32,6 +33,7 @@ import signal
 import stat
 import sys
 import tempfile
+import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -40,7 +42,7 @@ from minilm.cli import ArgumentParser, whole_number
 DEFAULT_MODEL = "cross-encoder/ms-marco-MiniLM-L6-v2"
 DTYPE_CHOICES = ("fp32", "bf16", "fp16", "int8")
 FORMAT_CHOICES = ("jsonl", "tsv", "csv")
-CHUNK_ROWS = 1024  # rows read, scored and written at a time in file mode (also how often the progress bar moves)
+CHUNK_ROWS = 1024  # rows read, scored and written at a time in file mode (under torchrun, how often the progress bar moves)
 # Tokenize the next chunk in a worker thread while this one is scored (see `tokenized`). Off: measured, it gained
 # nothing on a CPU (tokenizing is under 1% of the time there) and lost on an H100 (0.82x the pairs/s of tokenizing
 # in line: the tokenizer's threads and its Python part compete with the Python that launches the GPU's kernels);
@@ -59,8 +61,8 @@ examples:
 
 input files (--input): JSONL with the fields "query" and "passage" (or "sentence_0" and "sentence_1"), or TSV / CSV
 with a header row naming those columns. Every other field (qid, label, ...) is kept; the output has the same format,
-rows and order, plus a "score" field (an existing "score" is overwritten). A JSONL row is written back as it was,
-byte for byte, with the score added; a TSV / CSV file that starts with a byte-order mark (Excel's "CSV UTF-8") gives
+rows and order, plus a "score" field (an existing "score" is overwritten, with a note). A JSONL row is written back
+as it was, byte for byte, with the score added (lines end in \n; blank lines are left out); a TSV / CSV file that starts with a byte-order mark (Excel's "CSV UTF-8") gives
 an output that starts with one. Exit status: 0 on success, 2 for bad arguments, bad input or a model that cannot be
 found.
 
@@ -146,7 +148,10 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error("nothing to score: give QUERY PASSAGE [PASSAGE ...] or --input FILE")
     if not args.passages:
         parser.error("give at least one PASSAGE after the QUERY")
-    for name, text in [("the QUERY", args.query), *((f"PASSAGE {i}", p) for i, p in enumerate(args.passages, start=1))]:
+    for name, text in [("the QUERY", args.query), *((f"PASSAGE {i + 1} (id {i})", p) for i, p in enumerate(args.passages))]:
+        if text == "-":  # scored as the text "-", where a reader of the command sees standard input
+            parser.error(f"{name} is '-': ranking mode does not read standard input; give the passages as arguments, "
+                         "or score a file of (query, passage) rows with --input")
         if not text.strip():
             parser.error(f"{name} is empty")
         try:
@@ -162,7 +167,7 @@ def load_model(args):
     import torch
 
     from minilm.checkpoint import CheckpointError
-    from minilm.crossencoder import CrossEncoder
+    from minilm.crossencoder import CrossEncoder, default_device
 
     device = args.device
     if device is not None:
@@ -172,13 +177,22 @@ def load_model(args):
             raise UsageError(f"--device {device}: {str(e).splitlines()[0]}") from None
         if kind == "cuda" and not torch.cuda.is_available():
             raise UsageError(f"--device {device}: no CUDA device is available")
+    from minilm import precision
+
+    try:  # a precision this device cannot run is the option's fault, not the model's
+        precision.check(args.dtype, torch.device(device or default_device(args.dtype)))
+    except ValueError as e:
+        raise UsageError(f"--dtype {args.dtype}: {e}") from None
     try:
-        return CrossEncoder.from_pretrained(args.model, revision=args.revision, device=device, dtype=args.dtype,
-                                            max_length=args.max_length)
-    except CheckpointError as e:
-        raise UsageError(f"cannot load model: {e}") from None
-    except (ValueError, OSError) as e:  # a config this model does not support, --max-length too long, unreadable file
-        raise UsageError(f"cannot load model {args.model}: {e}") from None
+        model = CrossEncoder.from_pretrained(args.model, revision=args.revision, device=device, dtype=args.dtype)
+    except (CheckpointError, ValueError, OSError) as e:  # not found, a config this model does not support, unreadable
+        raise UsageError(f"cannot load model{'' if args.model in str(e) else ' ' + args.model}: {e}") from None
+    if args.max_length is not None:
+        try:
+            model.max_length = args.max_length
+        except ValueError as e:  # more than the model's position embeddings
+            raise UsageError(f"--max-length {args.max_length}: {e}") from None
+    return model
 
 
 # ---------------------------------------------------------------------------------------------------- ranking mode
@@ -192,9 +206,14 @@ def rank_passages(args) -> int:
     try:  # like an empty argument, which such a text would be scored as
         encodings = model.tokenizer.encode([(args.query, p) for p in args.passages], require_tokens=True)
     except NoTokens as e:
-        raise UsageError(f"{'the QUERY' if e.text == 'query' else f'PASSAGE {e.index + 1}'} {e.problem}") from None
+        raise UsageError(f"{'the QUERY' if e.text == 'query' else f'PASSAGE {e.index + 1} (id {e.index})'} {e.problem}") from None
     logits = model.score_encodings(encodings, batch_size=args.batch_size)
-    check_finite(logits, lambda i: f"PASSAGE {i + 1}", args)
+    check_finite(logits, lambda i: f"PASSAGE {i + 1} (id {i})", args)
+    cut = [i for i, e in enumerate(encodings) if e.truncated]
+    if cut:
+        ids = ", ".join(map(str, cut[:10])) + (", ..." if len(cut) > 10 else "")
+        print(f"infer.py: note: {len(cut)} of {len(encodings)} passages (id {ids}) were cut to fit {model.max_length} "
+              f"tokens with the query{cut_hint(model)}", file=sys.stderr)
     scores = model.activate(logits, "sigmoid" if args.sigmoid else None)
     results = ranked(scores, logits, args.passages, args.top_k, return_documents=True)
     if hasattr(sys.stdout, "reconfigure"):  # not on a StringIO that a caller of main() put there
@@ -213,10 +232,20 @@ def rank_passages(args) -> int:
     return 0
 
 
+def cut_hint(model) -> str:
+    limit = model.tokenizer.max_positions
+    return f"; --max-length can go up to {limit}" if limit and model.max_length < limit else ""
+
+
 def preview(text: str, width: int) -> str:
-    """The text on one line (whitespace runs collapsed), cut to `width` characters."""
-    line = " ".join(text.split())
-    return line if len(line) <= width else line[: width - 3].rstrip() + "..."
+    """The text on one line (whitespace runs collapsed; control characters, such as a terminal's escape sequences,
+    shown as U+FFFD), cut to `width` terminal columns (East Asian wide characters take two)."""
+    line = "".join("\ufffd" if unicodedata.category(c) == "Cc" else c for c in " ".join(text.split()))
+    columns = [2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in line]
+    if sum(columns) <= width:
+        return line
+    kept = list(itertools.accumulate(columns))
+    return line[: bisect.bisect_right(kept, width - 3)].rstrip() + "..."
 
 
 # ------------------------------------------------------------------------------------------------------- file mode
@@ -234,13 +263,18 @@ def score_file(args) -> int:
         byte_order_mark = starts_with_byte_order_mark(args.input)
     model = load_model(args)
 
+    scored = cut = 0
     with output_file(args.output) as out, progress_bar(total, args.quiet) as bar:
         writer = RowWriter(out, fmt, byte_order_mark=byte_order_mark)
         for chunk, encodings in tokenized(model, chunked(iter_pairs(args.input, fmt), CHUNK_ROWS), args.input):
-            score_chunk(model, chunk, encodings, writer, args)
-            bar.update(len(chunk))
+            score_chunk(model, chunk, encodings, writer, args, bar)
+            scored += len(encodings)
+            cut += sum(e.truncated for e in encodings)
         if before is not None:
             check_unchanged(args.input, before)
+    if cut:
+        print(f"infer.py: note: {cut:,} of {scored:,} pairs were longer than {model.max_length} tokens and were cut to fit "
+              f"(the longer text, at its end){cut_hint(model)}", file=sys.stderr)
     return 0
 
 
@@ -295,10 +329,10 @@ def tokenized(model, chunks, path: str):
             yield previous[0], previous[1].result()
 
 
-def score_chunk(model, chunk: list, encodings: list, writer: "RowWriter", args) -> None:
+def score_chunk(model, chunk: list, encodings: list, writer: "RowWriter", args, bar=None) -> None:
     from minilm.data import shown
 
-    logits = model.score_encodings(encodings, batch_size=args.batch_size)
+    logits = model.score_encodings(encodings, batch_size=args.batch_size, progress=bar)
     check_finite(logits, lambda i: f"{shown(args.input)}:{chunk[i].line}", args)
     scores = model.activate(logits, "sigmoid" if args.sigmoid else None)
     for pair, score in zip(chunk, scores.tolist()):
@@ -429,6 +463,7 @@ class RowWriter:
         self.fmt = fmt
         self.write_header = header
         self.byte_order_mark = byte_order_mark
+        self.replacing = False  # an existing score field, said once
         self.header = None
         if fmt == "csv":
             import csv
@@ -437,6 +472,13 @@ class RowWriter:
 
     def write(self, row: dict, score: float, source: str | None) -> None:
         """source: a JSONL row's text (data.Pair.source), a non-empty object "{...}"."""
+        if "score" in row and not self.replacing:  # sentence-transformers datasets keep their gold labels there
+            self.replacing = True
+            if self.write_header:  # one process says it
+                from minilm.data import shorten
+
+                print(f"infer.py: note: rows have a 'score' field ({shorten(str(row['score']))} in the first); the "
+                      "output has this model's scores in its place (rename the field to keep it)", file=sys.stderr)
         if self.fmt == "jsonl":
             if "score" in row:  # a file scored before: the new score takes the old one's place
                 from minilm.data import json_value_span
@@ -642,7 +684,10 @@ def main(argv=None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 1
     except OSError as e:  # writing the output failed (disk full, ...); the temporary file is already gone
-        return fail(f"{e.filename or ('<stdout>' if args.output in (None, '-') else args.output)}: {e.strerror or e}", status=1)
+        to_stdout = args.output in (None, "-")
+        if not to_stdout and (e.filename is None or Path(e.filename).parent == Path(os.path.realpath(args.output)).parent):
+            return fail(f"--output {args.output}: {e.strerror or e}", status=1)  # not the temporary file's name
+        return fail(f"{e.filename or '<stdout>'}: {e.strerror or e}", status=1)
     finally:
         if shards is not None:
             shards.leave()

@@ -196,6 +196,11 @@ def checkpoints(folder, run=None):
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
+def left_by_a_run(path: Path) -> bool:
+    """Anything but hidden files and the empty log.jsonl of a run stopped before its first step."""
+    return not path.name.startswith(".") and not (path.name == "log.jsonl" and path.is_file() and not path.stat().st_size)
+
+
 def model_id(name_or_path: str) -> str:
     """--model as a run is identified by: a local folder by its absolute path (however it was written), else the name."""
     return str(Path(name_or_path).resolve()) if Path(name_or_path).is_dir() else name_or_path
@@ -244,12 +249,12 @@ if not os.access(out if out.is_dir() else next(p for p in out.absolute().parents
     die(f"--output {out}: not writable")
 # The Hugging Face Trainer's rule, stricter: never mix two runs, never overwrite files of someone else's (hidden
 # files such as .DS_Store or a killed run's .checkpoint-*.tmp do not count)
-earlier = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
+earlier = sorted(p.name for p in out.iterdir() if left_by_a_run(p)) if out.is_dir() else []
 if cfg.resume and cfg.resume != "latest" and earlier and Path(cfg.resume).resolve().parent != out.resolve():
     die(f"--resume {cfg.resume}: its run is not the one in --output {out} ({', '.join(earlier[:5])}); to continue it "
         "elsewhere, give an empty or new --output")
 listed = f"{', '.join(earlier[:5])}{', ...' if len(earlier) > 5 else ''}"
-holds_a_run = (out / "log.jsonl").is_file() or bool(checkpoints(out))  # what train.py writes first
+holds_a_run = "log.jsonl" in earlier or bool(checkpoints(out))  # what train.py writes first
 if earlier and not holds_a_run and (cfg.resume == "latest" or cfg.overwrite_output):
     die(f"--output {out} holds no train.py run (no log.jsonl, no checkpoint-STEP folder) but other files ({listed}): "
         f"nothing to {'resume' if cfg.resume else 'start over'}, nothing deleted; choose another folder")

@@ -29,11 +29,16 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message):
         if message.startswith("unrecognized arguments: "):
-            for arg in message.removeprefix("unrecognized arguments: ").split():
+            unknown = message.removeprefix("unrecognized arguments: ").split()
+            for arg in unknown:
                 name = arg.partition("=")[0].lstrip("-").replace("-", "_")
                 if arg.startswith("--") and name in self.renamed:
                     message += f"; for Hugging Face's --{name}, use {self.renamed[name]}"
                     break
+            else:
+                texts = any(not action.option_strings for action in self._actions)  # infer.py's QUERY PASSAGE...
+                if texts and any(arg.startswith("-") and not arg.startswith("--") for arg in unknown):
+                    message += "; a text that starts with '-'? put `--` before the texts"
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
     def parse_known_args(self, args=None, namespace=None):

@@ -109,6 +109,11 @@ def refuse_softmax(apply_softmax: bool) -> None:
                          "would be 1.0; for probabilities use activation_fn='sigmoid'")
 
 
+def default_device(precision: str) -> str:
+    """cuda when there is one, except for int8 (CPUs only)."""
+    return "cuda" if torch.cuda.is_available() and precision != "int8" else "cpu"
+
+
 def usable_device(device) -> torch.device:
     """`device` as a torch.device that can hold this model here, else ValueError saying why (before the slow part)."""
     try:
@@ -157,9 +162,7 @@ class CrossEncoder:
         if activation_fn is not None:
             self.activation_fn = activation_fn  # ValueError now for an unknown name, not at the first predict
         self.precision = precisions.parse(dtype)  # "fp32", or what minilm.precision converts the model to
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() and self.precision != "int8" else "cpu"  # int8: CPUs only
-        device = usable_device(device)
+        device = usable_device(device if device is not None else default_device(self.precision))
         precisions.check(self.precision, device)  # before the slow part
         folder = resolve(str(model_name_or_path), revision, cache_dir=cache_folder, local_files_only=local_files_only,
                          token=token)
@@ -271,9 +274,11 @@ class CrossEncoder:
         return self.score_encodings(self.tokenizer.encode(pairs), batch_size, show_progress_bar)
 
     @torch.inference_mode()
-    def score_encodings(self, encodings, batch_size: int = 32, show_progress_bar: bool | None = None) -> torch.Tensor:
+    def score_encodings(self, encodings, batch_size: int = 32, show_progress_bar: bool | None = None,
+                        progress=None) -> torch.Tensor:
         """score_logits of pairs already tokenized by `self.tokenizer.encode` (elsewhere: infer.py tokenizes the next
-        chunk of a file in a thread while this one is scored)."""
+        chunk of a file in a thread while this one is scored). progress: a tqdm bar counting pairs, advanced batch by
+        batch."""
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         dtype = next(self.model.parameters()).dtype if self.precision == "fp32" else torch.float32
@@ -294,6 +299,8 @@ class CrossEncoder:
             batch = self.tokenizer.model_inputs([encodings[i] for i in idx])
             inputs = {k: copy_in(torch.from_numpy(v), self.device) for k, v in batch.items()}
             scored.append((idx, precisions.logits(self.model, inputs, self.precision)))
+            if progress is not None:
+                progress.update(len(idx))
         for idx, logits in scored:
             out[idx] = logits.cpu()
         return out

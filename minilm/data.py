@@ -121,19 +121,21 @@ def read_rows(path: str, fmt: str):
     name = shown(path)
     lines = text_lines(path)
     if fmt == "jsonl":
-        first = True
+        first = None  # the first row's line number
         for n, line in lines:
             if not line.strip():
                 continue
-            if first and line.lstrip(JSON_WHITESPACE).startswith("["):  # a .json file: one array of objects
+            first = first or n
+            if first == n and line.lstrip(JSON_WHITESPACE).startswith("["):  # a .json file: one array of objects
                 raise DataError(f"{name}:{n}: a JSON array; JSONL is one object per line (convert it with "
                                 f"`jq -c '.[]' FILE > FILE.jsonl`)")
-            first = False
             try:
                 row = json.loads(line, parse_constant=not_json, parse_float=finite_float, parse_int=json_int,
                                  object_pairs_hook=unique_keys)
             except json.JSONDecodeError as e:
-                raise DataError(f"{name}:{n}: malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno})") from None
+                hint = ("; standard input is read as JSONL: give --format tsv or --format csv for those" if path == "-"
+                        and first == n and not line.lstrip(JSON_WHITESPACE).startswith("{") else "")
+                raise DataError(f"{name}:{n}: malformed JSON ({e.msg.removesuffix(' at')} at column {e.colno}){hint}") from None
             except ValueError as e:
                 raise DataError(f"{name}:{n}: {e}") from None
             except RecursionError:
@@ -164,14 +166,20 @@ def read_rows(path: str, fmt: str):
             check_header(header, name, n, fmt)
             continue
         if len(values) != len(header):
-            raise DataError(f"{name}:{n}: expected {len(header)} fields ({', '.join(header)}), got {len(values)}")
+            quoted = fmt == "tsv" and any(v.startswith('"') for v in values)
+            raise DataError(f"{name}:{n}: expected {len(header)} fields ({', '.join(header)}), got {len(values)}"
+                            + ("; a quoted field holding a tab or a line break? TSV is read without quoting: use CSV "
+                               "or JSONL" if quoted else ""))
         if values == header:
             raise DataError(f"{name}:{n}: repeats the header, as where files were concatenated; remove it")
-        if fmt == "csv":
-            for column, value in zip(header, values):
-                if CSV_SPACE_QUOTE.match(value):  # `a, "b,c"`: the csv module reads ` "b` and `c"`, two fields
-                    raise DataError(f"{name}:{n}: field {shorten(column)!r} is a space and then a quote; a quoted CSV "
-                                    "field starts right after the comma: remove the space")
+        for column, value in zip(header, values):
+            if fmt == "tsv" and len(value) > 3 and value[0] == value[-1] == '"' and '""' in value[1:-1]:
+                raise DataError(f"{name}:{n}: field {shorten(column)!r} is quoted the way Python's csv module and "
+                                "pandas write TSV (\"...\"\"...\"); TSV is read here without quoting, so the quotes would "
+                                "be scored as text: write it with quoting=csv.QUOTE_NONE, or as CSV or JSONL")
+            if fmt == "csv" and CSV_SPACE_QUOTE.match(value):  # `a, "b,c"`: the csv module reads ` "b` and `c"`
+                raise DataError(f"{name}:{n}: field {shorten(column)!r} is a space and then a quote; a quoted CSV "
+                                "field starts right after the comma: remove the space")
         yield n, dict(zip(header, values)), None
 
 
@@ -183,7 +191,8 @@ def check_header(header: list, name: str, n: int, fmt: str) -> None:
     missing = " and no ".join(repr(c) for c in expected if c not in header)
     has = ", ".join(repr(shorten(c)) for c in header[:10]) + (", ..." if len(header) > 10 else "")
     other = {"csv": ("\t", "tab", "tsv"), "tsv": (",", "comma", "csv")}[fmt]
-    hint = f" ({other[1]}-separated? name it .{other[2]} or give --format {other[2]})" if other[0] in "".join(header) else ""
+    hint = (" (JSON lines? name it .jsonl or give --format jsonl)" if header[0].lstrip().startswith("{") else
+            f" ({other[1]}-separated? name it .{other[2]} or give --format {other[2]})" if other[0] in "".join(header) else "")
     raise DataError(f"{name}:{n}: the header has no {missing} column (expected 'query' and 'passage', or 'sentence_0' "
                     f"and 'sentence_1'); it has {has}{hint}")
 
@@ -278,7 +287,9 @@ def parse_pair(row: dict, name: str, n: int, require_label: bool, source: str | 
     label = None
     if require_label:
         if "label" not in row:
-            raise DataError(f"{name}:{n}: missing field 'label'")
+            has = ", ".join(repr(shorten(k)) for k in list(row)[:10]) + (", ..." if len(row) > 10 else "")
+            hint = "; sentence-transformers datasets call it 'score': rename that field" if "score" in row else ""
+            raise DataError(f"{name}:{n}: missing field 'label' (the row has {has}{hint})")
         raw = row["label"]
         if isinstance(raw, (int, float)) and not isinstance(raw, bool):
             label = float(raw) if abs(raw) <= 2 else math.nan  # a 400-digit int would overflow a float

@@ -18,7 +18,7 @@ from .data import DataError, read_ranking_pairs
 from .metrics import RELEVANT, has_relevant, rerank_metrics
 
 
-def evaluate(ce, pairs, batch_size: int = 32) -> dict:
+def evaluate(ce, pairs, batch_size: int = 32, show_progress_bar: bool = False) -> dict:
     """Metrics of CrossEncoder `ce` on labelled `pairs` (data.Pair); raw logits rank the same as any monotone activation.
 
     Each distinct (query, passage) is scored once: two copies scored apart (or in one padded batch) can differ in
@@ -26,14 +26,15 @@ def evaluate(ce, pairs, batch_size: int = 32) -> dict:
     texts = [(p.query, p.passage) for p in pairs]
     distinct = {text: i for i, text in enumerate(dict.fromkeys(texts))}
     with torch.inference_mode():
-        scores = ce.score_logits(list(distinct), batch_size).numpy()[[distinct[text] for text in texts]]
+        scores = ce.score_logits(list(distinct), batch_size, show_progress_bar).numpy()[[distinct[text] for text in texts]]
     groups = [p.qid if p.qid is not None else p.query for p in pairs]
     return rerank_metrics(groups, [p.label for p in pairs], scores)
 
 
 def format_metrics(m: dict) -> str:
     skipped = f", {m['skipped']} without a relevant passage left out" if m["skipped"] else ""
-    return f"MRR@10 {m['mrr@10']:.4f} | NDCG@10 {m['ndcg@10']:.4f} | R@1 {m['r@1']:.4f} | {m['queries']} queries{skipped}"
+    queries = f"{m['queries']} quer{'ies' if m['queries'] != 1 else 'y'}"
+    return f"MRR@10 {m['mrr@10']:.4f} | NDCG@10 {m['ndcg@10']:.4f} | R@1 {m['r@1']:.4f} | {queries}{skipped}"
 
 
 def main(argv=None):
@@ -58,8 +59,11 @@ def main(argv=None):
         ce = CrossEncoder.from_pretrained(args.model, device=args.device, max_length=args.max_length)
     except (CheckpointError, ValueError, OSError) as e:
         fail(e)
-    m = evaluate(ce, pairs, args.batch_size)
-    print(f"{format_metrics(m)} ({len(pairs)} pairs)")
+    try:
+        m = evaluate(ce, pairs, args.batch_size, show_progress_bar=sys.stderr.isatty())
+    except KeyboardInterrupt:
+        parser.exit(130, f"{parser.prog}: interrupted\n")
+    print(f"{format_metrics(m)} ({len(pairs)} pair{'s' if len(pairs) > 1 else ''})")
 
 
 if __name__ == "__main__":

@@ -102,6 +102,7 @@ COUNT_PIECE_CHARS = 1 << 16  # piece size when a long text's length must be coun
 class PairEncoding(NamedTuple):
     ids: list  # [CLS] query [SEP] passage [SEP]
     type_ids: list  # 0 for [CLS] query [SEP], 1 for passage [SEP]
+    truncated: bool = False  # tokens of the query or the passage were cut to fit max_length
 
 
 def longest_first(n_query: int, n_passage: int, budget: int) -> tuple[int, int]:
@@ -245,7 +246,8 @@ class PairTokenizer:
                     n_q = n_q if q_whole else self.count(query)
                     n_p = n_p if p_whole else self.count(passage)
                 a, b = longest_first(n_q, n_p, budget)
-                out.append(PairEncoding(cls + q[:a] + sep + p[:b] + sep, [0] * (a + 2) + [int(self.token_types)] * (b + 1)))
+                out.append(PairEncoding(cls + q[:a] + sep + p[:b] + sep, [0] * (a + 2) + [int(self.token_types)] * (b + 1),
+                                        a < len(q) or b < len(p)))
         return out
 
     def heads(self, texts, budget: int) -> list[tuple[list, bool]]:

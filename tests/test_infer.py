@@ -197,7 +197,7 @@ def test_rank_passage_starting_with_dash(standin, capsys):
 def test_rank_arguments_that_are_not_utf8_exit_2(standin):
     done = subprocess.run([sys.executable, "infer.py", "--model", str(standin), "q", b"caf\xe9"], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
-    assert done.returncode == 2 and "PASSAGE 1 is not UTF-8 text" in done.stderr, done.stderr
+    assert done.returncode == 2 and "PASSAGE 1 (id 0) is not UTF-8 text" in done.stderr, done.stderr
 
 
 def test_a_non_finite_score_is_an_error_never_a_result(standin, tmp_path, monkeypatch, capsys):
@@ -216,7 +216,7 @@ def test_a_non_finite_score_is_an_error_never_a_result(standin, tmp_path, monkey
     for top_k in ([], ["--top-k", "1"]):  # also when the NaN would not be among the results shown
         rc, out, err = run(capsys, "--model", standin, "--device", "cpu", "--json", *top_k, "q", "a", "b")
         assert rc == 2 and out == ""
-        assert_one_line_error(err, "PASSAGE 2: the model scored it nan")
+        assert_one_line_error(err, "PASSAGE 2 (id 1): the model scored it nan")
 
 
 # ------------------------------------------------------------------------------------------------------- file mode
@@ -675,6 +675,12 @@ BAD_INPUTS = {
     "csv-space-before-quote": ("in.csv", 'query,passage,label\nq, "a,b"\n', ":2",
                                "field 'passage' is a space and then a quote; a quoted CSV field starts right after the comma"),
     "compressed": ("in.jsonl.gz", b"\x1f\x8b\x08\x00", "", "a compressed file; decompress it first, or read it through a pipe"),
+    # a TSV written by pandas or the csv module quotes a field holding a quote: read as text, its quotes would be scored
+    "tsv-quoted-the-csv-way": ("in.tsv", 'query\tpassage\nq\t"He said ""hi"""\n', ":2",
+                               "field 'passage' is quoted the way Python's csv module and pandas write TSV"),
+    "tsv-quoted-tab": ("in.tsv", 'query\tpassage\nq\t"a\tb"\n', ":2",
+                       "got 3; a quoted field holding a tab or a line break? TSV is read without quoting"),
+    "jsonl-read-as-tsv": ("in.tsv", '{"query": "q", "passage": "p"}\n', ":1", "(JSON lines? name it .jsonl"),
     "deep-nesting": ("in.jsonl", '{"query": "q", "passage": "p", "x": ' + "[" * 100000 + "]" * 100000 + "}\n", ":1",
                      "nested too deeply"),
 }
@@ -849,7 +855,8 @@ def test_model_error_in_file_mode_leaves_no_output(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, problem", [
-    (["--max-length", "1000"], "exceeds"),
+    (["--max-length", "1000"], "--max-length 1000: max_length 1000 exceeds the model's 512"),  # the option, not the model
+    (["--dtype", "fp16", "--device", "cpu"], "--dtype fp16: fp16 is for GPUs"),
     (["--device", "no-such-device"], "--device no-such-device"),
     (["--revision", "v2"], "a revision (v2) applies to Hub ids only"),  # a folder has no revisions: never ignored
 ])
@@ -876,6 +883,7 @@ def test_bad_model_options(standin, capsys, argv, problem):
     ["--max-length", "\u0665\u0661\u0662", "q", "p"],  # int() would read 512 from these Arabic-Indic digits
     ["--max-length", "4", "q", "p"],  # [CLS] q [SEP] p [SEP] truncated to 4 tokens keeps no token of the query
     ["--dev", "cpu", "q", "p"],  # no abbreviations: a typo is not taken for another option
+    ["q", "-"],  # would be scored as the text "-", not read from standard input
 ])
 def test_argument_errors_exit_2(capsys, argv):
     rc, out, err = run(capsys, *argv)
@@ -893,3 +901,66 @@ def test_help_exits_0(capsys):
                    "--top-k", "--quiet", "--json", "--format", "--input", "--output"):
         assert option in out
 
+
+
+def test_passages_that_look_like_options_or_stdin_are_explained(capsys):
+    rc, _, err = run(capsys, "q", "-foo", "b")
+    assert rc == 2 and "put `--` before the texts" in err, err
+    rc, _, err = run(capsys, "q", "p", "-")
+    assert rc == 2 and "PASSAGE 2 (id 1) is '-': ranking mode does not read standard input" in err, err
+
+
+def test_an_existing_score_field_is_replaced_with_a_note(standin, model, tmp_path, capsys):
+    """sentence-transformers datasets keep their gold labels in a 'score' column: replacing it is said, once."""
+    src, dst = tmp_path / "in.csv", tmp_path / "out.csv"
+    src.write_text("query,passage,score\nq,p,0.7\nq,x,0.1\n")
+    rc, _, err = run(capsys, "--model", standin, "--device", "cpu", "--input", src, "--output", dst)
+    assert rc == 0 and err.count("infer.py: note: rows have a 'score' field (0.7 in the first)") == 1, err
+    assert [float(r["score"]) for r in read_output(dst.read_text(), "csv")] == pytest.approx(
+        model.predict([("q", "p"), ("q", "x")]).tolist(), abs=1e-6)
+
+
+def test_truncation_is_said(standin, tmp_path, capsys):
+    long = " ".join(["word"] * 40)
+    rc, _, err = run(capsys, "--model", standin, "--device", "cpu", "--max-length", "16", "q", "short", long)
+    assert rc == 0 and "infer.py: note: 1 of 2 passages (id 1) were cut to fit 16 tokens with the query; --max-length " \
+                       "can go up to 512" in err, err
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps({"query": "q", "passage": p}) + "\n" for p in ("short", long, long)))
+    rc, _, err = run(capsys, "--model", standin, "--device", "cpu", "--max-length", "16", "--input", src, "--quiet")
+    assert rc == 0 and "infer.py: note: 2 of 3 pairs were longer than 16 tokens and were cut to fit" in err, err
+    rc, _, err = run(capsys, "--model", standin, "--device", "cpu", "--max-length", "64", "--input", src, "--quiet")
+    assert rc == 0 and err == ""
+
+
+def test_stdin_that_is_not_jsonl_points_to_format(standin, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "stdin", stdin("query,passage\nq,p\n"))
+    rc, _, err = run(capsys, "--model", standin, "--device", "cpu", "--input", "-")
+    assert rc == 2
+    assert_one_line_error(err, "<stdin>:1: malformed JSON", "give --format tsv or --format csv")
+
+
+def test_an_output_that_cannot_be_created_is_named_as_the_option(standin, tmp_path, capsys):
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"query": "q", "passage": "p"}\n')
+    rc, _, err = run(capsys, "--model", standin, "--device", "cpu", "--input", src, "--output", "/proc/scored.jsonl")
+    assert rc == 1
+    assert_one_line_error(err, "--output /proc/scored.jsonl: ")  # not the temporary file's name
+
+
+def test_table_previews_fit_the_terminal_and_carry_no_control_characters():
+    assert infer.preview("a\x1b[31mred\x1b[0m", 40) == "a\ufffd[31mred\ufffd[0m"  # no escape reaches the terminal
+    wide = infer.preview("北京市" * 20, 21)  # two columns a character
+    assert wide == "北京市" * 3 + "..." and infer.preview("北京", 4) == "北京"
+
+
+def test_the_progress_bar_moves_batch_by_batch(model):
+    class Bar:
+        counts = []
+
+        def update(self, n):
+            self.counts.append(n)
+
+    encodings = model.tokenizer.encode([("q", "p " * k) for k in range(1, 40)])
+    model.score_encodings(encodings, batch_size=8, progress=Bar())
+    assert Bar.counts == [8, 8, 8, 8, 7]

@@ -241,6 +241,8 @@ BAD_DATA = [
      "100000000000... has 5,001 digits; at most 4,300 are read"),  # not Python's advice to call sys.set_int_max_str_digits
     ("t.tsv", "query\tpassage\tlabel\nq\tp\t1\nq\tp\n", "t.tsv:3: expected 3 fields"),
     ("t.csv", "sentence_0,sentence_1\nq,p\n", "t.csv:2: missing field 'label'"),
+    ("t.csv", "query,passage,score\nq,p,1\n", "t.csv:2: missing field 'label' (the row has 'query', 'passage', 'score'; "
+     "sentence-transformers datasets call it 'score': rename that field)"),
 ]
 
 
@@ -591,6 +593,16 @@ runpy.run_path(sys.argv[0], run_name="__main__")
 """
 
 
+def test_an_output_left_by_a_run_stopped_before_its_first_step_is_reused(standin_dir, tmp_path):
+    """Ctrl-C before step 1 leaves an empty log.jsonl: the same command again trains, instead of asking for
+    --overwrite-output."""
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "log.jsonl").write_text("")
+    train(*short_run(standin_dir, out, "--save-every", 0))
+    assert (out / "model.safetensors").is_file() and (out / "log.jsonl").stat().st_size > 0
+
+
 def test_a_run_killed_while_deleting_a_checkpoint_leaves_none_half_deleted(standin_dir, tmp_path):
     """A checkpoint being deleted (--keep-checkpoints) is renamed out of the way first. Deleted in place, a kill
     halfway left a checkpoint-STEP without its trainer_state.json: never counted as the run's again, never removed,
@@ -717,6 +729,16 @@ def test_copies_of_a_pair_tie_whatever_the_file_order(standin_dir, tmp_path, cap
         evaluate_main(["--model", str(standin_dir), "--data", str(tmp_path / "pairs.jsonl"), "--device", "cpu",
                        "--max-length", "32"])  # where the stand-in's two copies in one batch differed
         assert capsys.readouterr().out.startswith("MRR@10 0.5000 | NDCG@10 0.6309 | R@1 0.0000")
+
+
+def test_evaluate_interrupted_is_one_line(standin_dir, monkeypatch, capsys):
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("minilm.evaluate.evaluate", interrupted)
+    with pytest.raises(SystemExit) as e:
+        evaluate_main(["--model", str(standin_dir), "--data", str(PAIRS), "--device", "cpu"])
+    assert e.value.code == 130 and capsys.readouterr().err == "python -m minilm.evaluate: interrupted\n"
 
 
 def test_loss_chart_leaves_out_non_finite_points():
