@@ -267,15 +267,18 @@ def score_file(args) -> int:
     with output_file(args.output) as out, progress_bar(total, args.quiet) as bar:
         writer = RowWriter(out, fmt, byte_order_mark=byte_order_mark)
         for chunk, encodings in tokenized(model, chunked(iter_pairs(args.input, fmt), CHUNK_ROWS), args.input):
-            score_chunk(model, chunk, encodings, writer, args, bar)
-            scored += len(encodings)
-            cut += sum(e.truncated for e in encodings)
+            cut += score_chunk(model, chunk, encodings, writer, args, bar)
+            scored += len(chunk)
         if before is not None:
             check_unchanged(args.input, before)
+    say_cut(model, cut, scored)
+    return 0
+
+
+def say_cut(model, cut: int, scored: int) -> None:
     if cut:
         print(f"infer.py: note: {cut:,} of {scored:,} pairs were longer than {model.max_length} tokens and were cut to fit "
               f"(the longer text, at its end){cut_hint(model)}", file=sys.stderr)
-    return 0
 
 
 def file_state(path: str) -> tuple | None:
@@ -329,7 +332,8 @@ def tokenized(model, chunks, path: str):
             yield previous[0], previous[1].result()
 
 
-def score_chunk(model, chunk: list, encodings: list, writer: "RowWriter", args, bar=None) -> None:
+def score_chunk(model, chunk: list, encodings: list, writer: "RowWriter", args, bar=None) -> int:
+    """Score and write the rows of `chunk`; the number of them that were truncated."""
     from minilm.data import shown
 
     logits = model.score_encodings(encodings, batch_size=args.batch_size, progress=bar)
@@ -337,6 +341,7 @@ def score_chunk(model, chunk: list, encodings: list, writer: "RowWriter", args, 
     scores = model.activate(logits, "sigmoid" if args.sigmoid else None)
     for pair, score in zip(chunk, scores.tolist()):
         writer.write(pair.row, score, pair.source)
+    return sum(e.truncated for e in encodings)
 
 
 def check_finite(logits, where, args) -> None:
@@ -578,24 +583,31 @@ class Shards:
         mine = tokenized(model, itertools.islice(chunked(iter_pairs(args.input, fmt), CHUNK_ROWS), self.rank, None, self.world),
                          args.input)
 
-        def score_mine(index: int) -> str:
+        def score_mine(index: int) -> tuple[str, int]:
+            """This process's chunk of the round: its scored rows' text, and how many of them were truncated."""
             lines = io.StringIO()
             item = next(mine, None)  # None in the last round, for the processes after the file's last chunk
+            cut = 0
             if item is not None:
-                score_chunk(model, *item, RowWriter(lines, fmt, header=index == 0, byte_order_mark=byte_order_mark), args)
-            return lines.getvalue()
+                cut = score_chunk(model, *item, RowWriter(lines, fmt, header=index == 0, byte_order_mark=byte_order_mark),
+                                  args)
+            return lines.getvalue(), cut
 
+        cut = 0
         with contextlib.ExitStack() as stack:
             if self.rank == 0:
                 out = stack.enter_context(output_file(args.output))
                 bar = stack.enter_context(progress_bar(total, args.quiet))
             for first in range(0, math.ceil(total / CHUNK_ROWS), self.world):  # a round: chunk first + rank each
-                texts = self.gather(self.agree(lambda: score_mine(first + self.rank)))
+                shares = self.gather(self.agree(lambda: score_mine(first + self.rank)))
                 if self.rank == 0:  # failing to write is process 0's own error: it reports it, the others lose it
-                    out.writelines(texts)
+                    out.writelines(text for text, _ in shares)
+                    cut += sum(n for _, n in shares)
                     bar.update(min(total, (first + self.world) * CHUNK_ROWS) - first * CHUNK_ROWS)
             self.agree(lambda: check_unchanged(args.input, before))  # rows added meanwhile would be left out
             self.collective(self.dist.barrier)  # no process leaves (closing its connections) before its lines are in
+        if self.rank == 0:
+            say_cut(model, cut, total)
         return 0
 
     def agree(self, step):
@@ -618,11 +630,11 @@ class Shards:
             raise ShardError(*failure)
         return result
 
-    def gather(self, text: str) -> list[str] | None:
-        """Every process's `text`, in rank order, on process 0 (None elsewhere)."""
-        texts = [None] * self.world if self.rank == 0 else None
-        self.collective(self.dist.gather_object, text, texts, dst=0)
-        return texts
+    def gather(self, share):
+        """Every process's `share`, in rank order, on process 0 (None elsewhere)."""
+        shares = [None] * self.world if self.rank == 0 else None
+        self.collective(self.dist.gather_object, share, shares, dst=0)
+        return shares
 
     def collective(self, op, *args, **kwargs) -> None:
         try:

@@ -109,6 +109,24 @@ def test_two_processes_to_stdout(standin_dir, tmp_path, capsys):
     assert list(tmp_path.iterdir()) == [src]
 
 
+def test_truncation_and_a_replaced_score_are_said_once(standin_dir, tmp_path, capsys):
+    """Rows cut to --max-length in both processes' chunks are counted together; the note on a replaced score field
+    comes once, as from one process."""
+    rows = [dict(r, score=0.5) for r in ROWS]
+    for i in (1, 4, 22):  # in chunks 0 and 1 (process 0 and 1) and 7 (process 1)
+        rows[i]["passage"] = " ".join(["word"] * 40)
+    src = tmp_path / "in.jsonl"
+    write_input(src, "jsonl", rows)
+    done = torchrun("--model", standin_dir, *QUICK, "--input", src)
+    assert done.returncode == 0, done.stderr
+    assert infer_lines(done.stderr) == [
+        "infer.py: note: rows have a 'score' field (0.5 in the first); the output has this model's scores in its place "
+        "(rename the field to keep it)",
+        "infer.py: note: 3 of 25 pairs were longer than 32 tokens and were cut to fit (the longer text, at its end); "
+        "--max-length can go up to 512"], done.stderr
+    assert_same_output(done.stdout, one_process(capsys, "--model", standin_dir, *QUICK, "--input", src), "jsonl")
+
+
 def test_ranking_mode_runs_on_process_0(standin_dir, capsys):
     argv = ["--model", standin_dir, *QUICK, "--json", "capital of france", "Paris is in France.", "Bananas."]
     done = torchrun(*argv)
