@@ -148,10 +148,11 @@ def check_args(parser: argparse.ArgumentParser, args) -> None:
         parser.error("nothing to score: give QUERY PASSAGE [PASSAGE ...] or --input FILE")
     if not args.passages:
         parser.error("give at least one PASSAGE after the QUERY")
-    for name, text in [("the QUERY", args.query), *((f"PASSAGE {i + 1} (id {i})", p) for i, p in enumerate(args.passages))]:
-        if text == "-":  # scored as the text "-", where a reader of the command sees standard input
-            parser.error(f"{name} is '-': ranking mode does not read standard input; give the passages as arguments, "
-                         "or score a file of (query, passage) rows with --input")
+    texts = [("the QUERY", args.query), *((f"PASSAGE {i + 1} (id {i})", p) for i, p in enumerate(args.passages))]
+    for n, (name, text) in enumerate(texts):
+        if text == "-" and n < len(texts) - args.verbatim:  # a reader of the command sees standard input there
+            parser.error(f"{name} is '-': ranking mode does not read standard input; give the passages as arguments "
+                         "(the text '-' after `--`), or score a file of (query, passage) rows with --input")
         if not text.strip():
             parser.error(f"{name} is empty")
         try:
@@ -168,6 +169,7 @@ def load_model(args):
 
     from minilm.checkpoint import CheckpointError
     from minilm.crossencoder import CrossEncoder, default_device
+    from minilm.tokenizer import MaxLengthError
 
     device = args.device
     if device is not None:
@@ -184,15 +186,12 @@ def load_model(args):
     except ValueError as e:
         raise UsageError(f"--dtype {args.dtype}: {e}") from None
     try:
-        model = CrossEncoder.from_pretrained(args.model, revision=args.revision, device=device, dtype=args.dtype)
+        return CrossEncoder.from_pretrained(args.model, revision=args.revision, device=device, dtype=args.dtype,
+                                            max_length=args.max_length)
+    except MaxLengthError as e:  # more than the model's position embeddings
+        raise UsageError(f"--max-length {args.max_length}: {e}") from None
     except (CheckpointError, ValueError, OSError) as e:  # not found, a config this model does not support, unreadable
         raise UsageError(f"cannot load model{'' if args.model in str(e) else ' ' + args.model}: {e}") from None
-    if args.max_length is not None:
-        try:
-            model.max_length = args.max_length
-        except ValueError as e:  # more than the model's position embeddings
-            raise UsageError(f"--max-length {args.max_length}: {e}") from None
-    return model
 
 
 # ---------------------------------------------------------------------------------------------------- ranking mode
@@ -212,8 +211,8 @@ def rank_passages(args) -> int:
     cut = [i for i, e in enumerate(encodings) if e.truncated]
     if cut:
         ids = ", ".join(map(str, cut[:10])) + (", ..." if len(cut) > 10 else "")
-        print(f"infer.py: note: {len(cut)} of {len(encodings)} passages (id {ids}) were cut to fit {model.max_length} "
-              f"tokens with the query{cut_hint(model)}", file=sys.stderr)
+        print(f"infer.py: note: {len(cut)} of {len(encodings)} pairs (id {ids}) were longer than {model.max_length} tokens "
+              f"and were cut to fit (the longer text, at its end){cut_hint(model)}", file=sys.stderr)
     scores = model.activate(logits, "sigmoid" if args.sigmoid else None)
     results = ranked(scores, logits, args.passages, args.top_k, return_documents=True)
     if hasattr(sys.stdout, "reconfigure"):  # not on a StringIO that a caller of main() put there
@@ -237,10 +236,14 @@ def cut_hint(model) -> str:
     return f"; --max-length can go up to {limit}" if limit and model.max_length < limit else ""
 
 
+BIDI_CONTROLS = set("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")  # reorder what follows
+
+
 def preview(text: str, width: int) -> str:
     """The text on one line (whitespace runs collapsed; control characters, such as a terminal's escape sequences,
-    shown as U+FFFD), cut to `width` terminal columns (East Asian wide characters take two)."""
-    line = "".join("\ufffd" if unicodedata.category(c) == "Cc" else c for c in " ".join(text.split()))
+    and bidirectional overrides shown as U+FFFD), cut to `width` terminal columns (East Asian wide characters take
+    two)."""
+    line = "".join("\ufffd" if unicodedata.category(c) == "Cc" or c in BIDI_CONTROLS else c for c in " ".join(text.split()))
     columns = [2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in line]
     if sum(columns) <= width:
         return line
@@ -256,11 +259,10 @@ def score_file(args) -> int:
     fmt = detect_format(args.input, args.format, "--format")
     check_output(args.output, fmt)
     total = before = None  # stdin and pipes (--input <(zcat pairs.jsonl.gz)) can be read only once: rows are checked as scored
-    byte_order_mark = False
     if args.input != "-" and not is_pipe(args.input):
         before = file_state(args.input)
         total = sum(1 for _ in iter_pairs(args.input, fmt))  # a bad row fails here, instantly, before the model loads
-        byte_order_mark = starts_with_byte_order_mark(args.input)
+    byte_order_mark = not is_pipe(args.input) and starts_with_byte_order_mark(args.input)  # '-' is looked at, not read
     model = load_model(args)
 
     scored = cut = 0
@@ -271,14 +273,19 @@ def score_file(args) -> int:
             scored += len(chunk)
         if before is not None:
             check_unchanged(args.input, before)
-    say_cut(model, cut, scored)
+    say_notes(model, scored, cut, writer.replaced)
     return 0
 
 
-def say_cut(model, cut: int, scored: int) -> None:
+def say_notes(model, scored: int, cut: int, replaced: int) -> None:
+    """What a user should know of a file scored: rows truncated, a score field replaced (sentence-transformers
+    datasets keep their gold labels in one)."""
     if cut:
         print(f"infer.py: note: {cut:,} of {scored:,} pairs were longer than {model.max_length} tokens and were cut to fit "
               f"(the longer text, at its end){cut_hint(model)}", file=sys.stderr)
+    if replaced:
+        print(f"infer.py: note: {replaced:,} of {scored:,} rows had a 'score' field; it holds this model's scores now "
+              "(rename the field to keep it)", file=sys.stderr)
 
 
 def file_state(path: str) -> tuple | None:
@@ -468,7 +475,7 @@ class RowWriter:
         self.fmt = fmt
         self.write_header = header
         self.byte_order_mark = byte_order_mark
-        self.replacing = False  # an existing score field, said once
+        self.replaced = 0  # rows that had a score field
         self.header = None
         if fmt == "csv":
             import csv
@@ -477,13 +484,7 @@ class RowWriter:
 
     def write(self, row: dict, score: float, source: str | None) -> None:
         """source: a JSONL row's text (data.Pair.source), a non-empty object "{...}"."""
-        if "score" in row and not self.replacing:  # sentence-transformers datasets keep their gold labels there
-            self.replacing = True
-            if self.write_header:  # one process says it
-                from minilm.data import shorten
-
-                print(f"infer.py: note: rows have a 'score' field ({shorten(str(row['score']))} in the first); the "
-                      "output has this model's scores in its place (rename the field to keep it)", file=sys.stderr)
+        self.replaced += "score" in row
         if self.fmt == "jsonl":
             if "score" in row:  # a file scored before: the new score takes the old one's place
                 from minilm.data import json_value_span
@@ -583,17 +584,16 @@ class Shards:
         mine = tokenized(model, itertools.islice(chunked(iter_pairs(args.input, fmt), CHUNK_ROWS), self.rank, None, self.world),
                          args.input)
 
-        def score_mine(index: int) -> tuple[str, int]:
-            """This process's chunk of the round: its scored rows' text, and how many of them were truncated."""
+        def score_mine(index: int) -> tuple[str, int, int]:
+            """This process's chunk of the round: its scored rows' text, how many of them were truncated, how many
+            had a score field."""
             lines = io.StringIO()
+            writer = RowWriter(lines, fmt, header=index == 0, byte_order_mark=byte_order_mark)
             item = next(mine, None)  # None in the last round, for the processes after the file's last chunk
-            cut = 0
-            if item is not None:
-                cut = score_chunk(model, *item, RowWriter(lines, fmt, header=index == 0, byte_order_mark=byte_order_mark),
-                                  args)
-            return lines.getvalue(), cut
+            cut = 0 if item is None else score_chunk(model, *item, writer, args)
+            return lines.getvalue(), cut, writer.replaced
 
-        cut = 0
+        cut = replaced = 0
         with contextlib.ExitStack() as stack:
             if self.rank == 0:
                 out = stack.enter_context(output_file(args.output))
@@ -601,13 +601,14 @@ class Shards:
             for first in range(0, math.ceil(total / CHUNK_ROWS), self.world):  # a round: chunk first + rank each
                 shares = self.gather(self.agree(lambda: score_mine(first + self.rank)))
                 if self.rank == 0:  # failing to write is process 0's own error: it reports it, the others lose it
-                    out.writelines(text for text, _ in shares)
-                    cut += sum(n for _, n in shares)
+                    out.writelines(text for text, _, _ in shares)
+                    cut += sum(n for _, n, _ in shares)
+                    replaced += sum(n for _, _, n in shares)
                     bar.update(min(total, (first + self.world) * CHUNK_ROWS) - first * CHUNK_ROWS)
             self.agree(lambda: check_unchanged(args.input, before))  # rows added meanwhile would be left out
             self.collective(self.dist.barrier)  # no process leaves (closing its connections) before its lines are in
         if self.rank == 0:
-            say_cut(model, cut, total)
+            say_notes(model, total, cut, replaced)
         return 0
 
     def agree(self, step):
@@ -658,6 +659,7 @@ def main(argv=None) -> int:
     # Everything after the first `--` is a passage, verbatim (argparse would also drop every later "--")
     head, tail = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     args = parser.parse_intermixed_args(head)
+    args.verbatim = len(tail)  # the last texts, given after `--`: taken as written, even "-"
     if tail:
         texts = ([] if args.query is None else [args.query]) + args.passages + tail
         args.query, args.passages = texts[0], texts[1:]

@@ -73,7 +73,7 @@ from minilm.data import DataError, fingerprint, read_pairs, read_ranking_pairs, 
 from minilm.evaluate import evaluate, format_metrics
 from minilm.metrics import RELEVANT, has_relevant
 from minilm.plot import line_chart_svg
-from minilm.tokenizer import NoTokens
+from minilm.tokenizer import MaxLengthError, NoTokens
 from minilm.unpadded import Unpadded, copy_in, pack
 
 
@@ -325,14 +325,12 @@ epochs = math.ceil(total_steps / steps_per_epoch)
 # always trains the same model (the Trainer's seed comes after the model, so there the head is drawn unseeded)
 torch.manual_seed(cfg.seed)
 try:
-    ce = CrossEncoder.from_pretrained(cfg.model, revision=cfg.revision or None, device=device)
+    ce = CrossEncoder.from_pretrained(cfg.model, revision=cfg.revision or None, device=device,
+                                      max_length=cfg.max_length or None)
+except MaxLengthError as e:  # more than the model's position embeddings
+    die(f"--max-length {cfg.max_length}: {e}")
 except (CheckpointError, ValueError, OSError) as e:
     die(e)
-if cfg.max_length:
-    try:
-        ce.max_length = cfg.max_length
-    except ValueError as e:  # more than the model's position embeddings
-        die(f"--max-length {cfg.max_length}: {e}")
 model = ce.model  # fp32 parameters; autocast lowers the precision of the forward only
 if ce.source_dir is not None and out.resolve() in (ce.source_dir.resolve(), *ce.source_dir.resolve().parents):
     die(f"--output {out} holds the --model folder {ce.source_dir}: saving would overwrite the model trained from; "

@@ -75,7 +75,11 @@ def detect_format(path: str, fmt: str | None = None, option: str = "") -> str:
 
 
 def starts_with_byte_order_mark(path: str) -> bool:
-    """Whether the file `path` starts with a UTF-8 byte-order mark (False for one that cannot be read)."""
+    """Whether the file `path`, or standard input ('-', looked at without reading it), starts with a UTF-8 byte-order
+    mark (False for a file that cannot be read, and for a named pipe, which can be read only once)."""
+    if path == "-":
+        peek = getattr(sys.stdin.buffer, "peek", None)  # a BufferedReader's, as standard input's buffer is
+        return peek is not None and peek(len(BYTE_ORDER_MARK))[: len(BYTE_ORDER_MARK)] == BYTE_ORDER_MARK
     try:
         with open(path, "rb") as f:
             return f.read(len(BYTE_ORDER_MARK)) == BYTE_ORDER_MARK
@@ -173,7 +177,7 @@ def read_rows(path: str, fmt: str):
         if values == header:
             raise DataError(f"{name}:{n}: repeats the header, as where files were concatenated; remove it")
         for column, value in zip(header, values):
-            if fmt == "tsv" and len(value) > 3 and value[0] == value[-1] == '"' and '""' in value[1:-1]:
+            if fmt == "tsv" and quoted_with_quotes(value):
                 raise DataError(f"{name}:{n}: field {shorten(column)!r} is quoted the way Python's csv module and "
                                 "pandas write TSV (\"...\"\"...\"); TSV is read here without quoting, so the quotes would "
                                 "be scored as text: write it with quoting=csv.QUOTE_NONE, or as CSV or JSONL")
@@ -181,6 +185,13 @@ def read_rows(path: str, fmt: str):
                 raise DataError(f"{name}:{n}: field {shorten(column)!r} is a space and then a quote; a quoted CSV "
                                 "field starts right after the comma: remove the space")
         yield n, dict(zip(header, values)), None
+
+
+def quoted_with_quotes(value: str) -> bool:
+    """Whether `value` is a field the way the csv module quotes one holding quotes: "a ""b"" c", every inner quote
+    doubled. Text that merely starts and ends with a quote ("a" + "" + "b") is not."""
+    inner = value[1:-1]
+    return len(value) >= 4 and value[0] == value[-1] == '"' and '""' in inner and '"' not in inner.replace('""', "")
 
 
 def check_header(header: list, name: str, n: int, fmt: str) -> None:

@@ -28,8 +28,9 @@ NO_LIMIT = int(1e30)
 # transformers' class of that name has it (its model_input_names); None: no class named, BERT's. The BERT-like classes
 # rebuild tokenizer.json's normalizer from tokenizer_config.json (normalize_as_configured); PreTrainedTokenizerFast
 # takes tokenizer.json as written.
-TOKENIZER_CLASSES = {None: True, "BertTokenizer": True, "BertTokenizerFast": True, "DistilBertTokenizer": False,
-                     "DistilBertTokenizerFast": False, "PreTrainedTokenizerFast": True}
+TOKENIZER_CLASSES = {None: True, "PreTrainedTokenizerFast": True, "DistilBertTokenizer": False, "DistilBertTokenizerFast": False,
+                     **{f"{name}Tokenizer{fast}": True for name in ("Bert", "Electra", "MobileBert", "SqueezeBert", "LayoutLM")
+                        for fast in ("", "Fast")}}  # BERT's WordPiece, specials and normalizer rebuild, each of them
 AS_WRITTEN = "PreTrainedTokenizerFast"
 MIN_LENGTH = 5  # at 4, truncation (as transformers does it) leaves the query no token: every query the same
 SIDES = {"truncation_side": "minilm truncates texts at their end only",
@@ -119,6 +120,10 @@ def longest_first(n_query: int, n_passage: int, budget: int) -> tuple[int, int]:
     return (min(long, n_query), min(short, n_passage)) if n_query > n_passage else (min(short, n_query), min(long, n_passage))
 
 
+class MaxLengthError(ValueError):
+    """A max_length the model cannot take (below 5, above its position embeddings, not a whole number)."""
+
+
 class NoTokens(ValueError):
     """A text of pair `index` ("query" or "passage") gives no tokens at all: it holds only spaces, control, zero-width
     or combining characters, which the normalizer removes, so the model would score it as an empty text."""
@@ -170,10 +175,10 @@ class PairTokenizer:
             raise TypeError(f"max_length must be a whole number of tokens, got {max_length!r}")
         max_length = int(max_length)
         if max_length < MIN_LENGTH:
-            raise ValueError(f"max_length must be at least {MIN_LENGTH} ([CLS] query [SEP] passage [SEP] with a token of "
-                             f"each), got {max_length}")
+            raise MaxLengthError(f"max_length must be at least {MIN_LENGTH} ([CLS] query [SEP] passage [SEP] with a "
+                                 f"token of each), got {max_length}")
         if self.max_positions is not None and max_length > self.max_positions:
-            raise ValueError(f"max_length {max_length} exceeds the model's {self.max_positions} position embeddings")
+            raise MaxLengthError(f"max_length {max_length} exceeds the model's {self.max_positions} position embeddings")
         self._max_length = max_length
 
     model_max_length = max_length
@@ -192,8 +197,8 @@ class PairTokenizer:
         config = {k: v["content"] if isinstance(v, dict) and "content" in v else v for k, v in config.items()}
         kind = config.get("tokenizer_class")
         if kind not in TOKENIZER_CLASSES:
-            raise CheckpointError(f"{config_file}: tokenizer_class {json.dumps(kind)}: minilm tokenizes only as "
-                                  f"{', '.join(k for k in TOKENIZER_CLASSES if k)} (or none named: BERT's) do")
+            raise CheckpointError(f"{config_file}: tokenizer_class {json.dumps(kind)}: minilm tokenizes only as BERT's "
+                                  f"tokenizers do ({', '.join(sorted(k for k in TOKENIZER_CLASSES if k))}, or none named)")
         if (path / "tokenizer.json").exists():
             try:
                 tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
@@ -215,6 +220,10 @@ class PairTokenizer:
         if not (isinstance(names, list) and all(isinstance(n, str) for n in names) and "input_ids" in names):
             raise CheckpointError(f"{config_file}: model_input_names must be a list of names with input_ids, got "
                                   f"{json.dumps(names)}")
+        if "attention_mask" not in names:  # transformers would let the model attend to the padding
+            raise CheckpointError(f"{config_file}: model_input_names {json.dumps(names)} has no attention_mask: the "
+                                  "model would attend to padding, and a pair's score would depend on its batch; minilm "
+                                  "always masks padding")
         limit = config.get("model_max_length") or NO_LIMIT
         if isinstance(limit, bool) or not isinstance(limit, (int, float)):
             raise CheckpointError(f"{config_file}: model_max_length must be a number, got {json.dumps(limit)}")

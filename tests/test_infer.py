@@ -223,7 +223,7 @@ def test_a_non_finite_score_is_an_error_never_a_result(standin, tmp_path, monkey
 
 def stdin(text: str) -> io.TextIOWrapper:
     """A stand-in for sys.stdin: text over a byte buffer, as a real one is."""
-    return io.TextIOWrapper(io.BytesIO(text.encode("utf-8")), encoding="utf-8")
+    return io.TextIOWrapper(io.BufferedReader(io.BytesIO(text.encode("utf-8"))), encoding="utf-8")
 
 
 def write_input(path: Path, fmt: str, rows: list[dict]) -> None:
@@ -676,7 +676,7 @@ BAD_INPUTS = {
                                "field 'passage' is a space and then a quote; a quoted CSV field starts right after the comma"),
     "compressed": ("in.jsonl.gz", b"\x1f\x8b\x08\x00", "", "a compressed file; decompress it first, or read it through a pipe"),
     # a TSV written by pandas or the csv module quotes a field holding a quote: read as text, its quotes would be scored
-    "tsv-quoted-the-csv-way": ("in.tsv", 'query\tpassage\nq\t"He said ""hi"""\n', ":2",
+    "tsv-quoted-the-csv-way": ("in.tsv", 'query\tpassage\nq\t"a" + "" + "b"\nq\t"He said ""hi"""\n', ":3",
                                "field 'passage' is quoted the way Python's csv module and pandas write TSV"),
     "tsv-quoted-tab": ("in.tsv", 'query\tpassage\nq\t"a\tb"\n', ":2",
                        "got 3; a quoted field holding a tab or a line break? TSV is read without quoting"),
@@ -701,7 +701,7 @@ def test_bad_input_exits_2_naming_file_and_line(tmp_path, monkeypatch, capsys, c
 
 
 @pytest.mark.parametrize("fmt", ["jsonl", "tsv", "csv"])
-def test_a_byte_order_mark_is_skipped(standin, model, tmp_path, capsys, fmt):
+def test_a_byte_order_mark_is_skipped(standin, model, tmp_path, monkeypatch, capsys, fmt):
     """Excel's "CSV UTF-8" and many Windows tools start files with a UTF-8 BOM: it is not part of the first field.
     A TSV or CSV output gets it back (without it Excel reads UTF-8 in a legacy code page); JSONL does not (JSON
     parsers refuse it)."""
@@ -714,6 +714,9 @@ def test_a_byte_order_mark_is_skipped(standin, model, tmp_path, capsys, fmt):
     scored = dst.read_bytes()
     assert scored.startswith(b"\xef\xbb\xbf") == (fmt != "jsonl") and scored.count(b"\xef\xbb\xbf") <= 1
     assert_scored(model, rows, read_output(scored.decode("utf-8-sig"), fmt))
+    monkeypatch.setattr(sys, "stdin", stdin(src.read_text(encoding="utf-8")))  # from standard input too
+    rc, out, err = run(capsys, "--model", standin, "--device", "cpu", "--input", "-", "--format", fmt)
+    assert rc == 0 and out.startswith("\ufeff") == (fmt != "jsonl"), err
     src.write_bytes(src.read_bytes()[3:])  # and without one in, none out
     rc, _, err = run(capsys, "--model", standin, "--device", "cpu", "--input", src, "--output", dst)
     assert rc == 0 and not dst.read_bytes().startswith(b"\xef\xbb\xbf"), err
@@ -910,12 +913,20 @@ def test_passages_that_look_like_options_or_stdin_are_explained(capsys):
     assert rc == 2 and "PASSAGE 2 (id 1) is '-': ranking mode does not read standard input" in err, err
 
 
+def test_a_dash_after_double_dash_is_a_text(standin, model, capsys):
+    rc, out, err = run(capsys, "--model", standin, "--device", "cpu", "--json", "--", "what is a dash", "-", "a hyphen")
+    assert rc == 0, err
+    scores = {r["text"]: r["score"] for r in json.loads(out)}
+    assert scores["-"] == pytest.approx(float(model.predict(("what is a dash", "-"))), abs=1e-6)
+
+
 def test_an_existing_score_field_is_replaced_with_a_note(standin, model, tmp_path, capsys):
     """sentence-transformers datasets keep their gold labels in a 'score' column: replacing it is said, once."""
     src, dst = tmp_path / "in.csv", tmp_path / "out.csv"
     src.write_text("query,passage,score\nq,p,0.7\nq,x,0.1\n")
     rc, _, err = run(capsys, "--model", standin, "--device", "cpu", "--input", src, "--output", dst)
-    assert rc == 0 and err.count("infer.py: note: rows have a 'score' field (0.7 in the first)") == 1, err
+    assert rc == 0 and err == "infer.py: note: 2 of 2 rows had a 'score' field; it holds this model's scores now " \
+                               "(rename the field to keep it)\n", err
     assert [float(r["score"]) for r in read_output(dst.read_text(), "csv")] == pytest.approx(
         model.predict([("q", "p"), ("q", "x")]).tolist(), abs=1e-6)
 
@@ -923,8 +934,8 @@ def test_an_existing_score_field_is_replaced_with_a_note(standin, model, tmp_pat
 def test_truncation_is_said(standin, tmp_path, capsys):
     long = " ".join(["word"] * 40)
     rc, _, err = run(capsys, "--model", standin, "--device", "cpu", "--max-length", "16", "q", "short", long)
-    assert rc == 0 and "infer.py: note: 1 of 2 passages (id 1) were cut to fit 16 tokens with the query; --max-length " \
-                       "can go up to 512" in err, err
+    assert rc == 0 and "infer.py: note: 1 of 2 pairs (id 1) were longer than 16 tokens and were cut to fit (the longer " \
+                       "text, at its end); --max-length can go up to 512" in err, err
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps({"query": "q", "passage": p}) + "\n" for p in ("short", long, long)))
     rc, _, err = run(capsys, "--model", standin, "--device", "cpu", "--max-length", "16", "--input", src, "--quiet")
@@ -950,6 +961,7 @@ def test_an_output_that_cannot_be_created_is_named_as_the_option(standin, tmp_pa
 
 def test_table_previews_fit_the_terminal_and_carry_no_control_characters():
     assert infer.preview("a\x1b[31mred\x1b[0m", 40) == "a\ufffd[31mred\ufffd[0m"  # no escape reaches the terminal
+    assert infer.preview("evil \u202eReversed", 40) == "evil \ufffdReversed"  # nor a right-to-left override
     wide = infer.preview("北京市" * 20, 21)  # two columns a character
     assert wide == "北京市" * 3 + "..." and infer.preview("北京", 4) == "北京"
 

@@ -110,9 +110,9 @@ def test_two_processes_to_stdout(standin_dir, tmp_path, capsys):
 
 
 def test_truncation_and_a_replaced_score_are_said_once(standin_dir, tmp_path, capsys):
-    """Rows cut to --max-length in both processes' chunks are counted together; the note on a replaced score field
-    comes once, as from one process."""
-    rows = [dict(r, score=0.5) for r in ROWS]
+    """Rows cut to --max-length, and rows whose score field is replaced, are counted over both processes' chunks and
+    said once, by process 0."""
+    rows = [dict(r, score=0.5) if i in (2, 23) else dict(r) for i, r in enumerate(ROWS)]  # process 0's, process 1's
     for i in (1, 4, 22):  # in chunks 0 and 1 (process 0 and 1) and 7 (process 1)
         rows[i]["passage"] = " ".join(["word"] * 40)
     src = tmp_path / "in.jsonl"
@@ -120,10 +120,10 @@ def test_truncation_and_a_replaced_score_are_said_once(standin_dir, tmp_path, ca
     done = torchrun("--model", standin_dir, *QUICK, "--input", src)
     assert done.returncode == 0, done.stderr
     assert infer_lines(done.stderr) == [
-        "infer.py: note: rows have a 'score' field (0.5 in the first); the output has this model's scores in its place "
-        "(rename the field to keep it)",
         "infer.py: note: 3 of 25 pairs were longer than 32 tokens and were cut to fit (the longer text, at its end); "
-        "--max-length can go up to 512"], done.stderr
+        "--max-length can go up to 512",
+        "infer.py: note: 2 of 25 rows had a 'score' field; it holds this model's scores now (rename the field to keep "
+        "it)"], done.stderr
     assert_same_output(done.stdout, one_process(capsys, "--model", standin_dir, *QUICK, "--input", src), "jsonl")
 
 
