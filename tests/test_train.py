@@ -469,6 +469,9 @@ def test_qids_1_and_text_1_are_one_query(tmp_path):
         read_ranking_pairs(str(tmp_path / "e.tsv"))
 
 
+LOGGED = '{"step": 1, "epoch": 0.2, "loss": 0.69}\n'  # a log.jsonl that a run wrote a step to
+
+
 def test_output_that_is_not_this_runs_is_refused(run, standin_dir, tmp_path, train_inprocess):
     """A folder with someone's files, the model's own folder, or another run's while resuming from elsewhere: refused
     before anything is read or written (the Hugging Face Trainer would overwrite them)."""
@@ -488,7 +491,7 @@ def test_output_that_is_not_this_runs_is_refused(run, standin_dir, tmp_path, tra
     (notes / "config.json").unlink()
     stopped = tmp_path / "stopped"  # a run stopped before its first checkpoint: nothing to resume, say so
     stopped.mkdir()
-    (stopped / "log.jsonl").write_text("")
+    (stopped / "log.jsonl").write_text(LOGGED)
     code, err = train_inprocess("--train", tmp_path / "t.jsonl", "--output", stopped)
     assert code == 2 and "it holds a run that saved no checkpoint to resume from; --overwrite-output true to start " \
         "over" in err and "--resume" not in err, err
@@ -496,10 +499,10 @@ def test_output_that_is_not_this_runs_is_refused(run, standin_dir, tmp_path, tra
     shutil.copytree(standin_dir, model)
     code, err = train_inprocess("--model", model, "--train", tmp_path / "t.jsonl", "--output", model, "--overwrite-output", "true")
     assert code == 2 and "holds no train.py run" in err, err
-    (model / "log.jsonl").write_text("")  # a model that train.py saved: its own run's folder
+    (model / "log.jsonl").write_text(LOGGED)  # a model that train.py saved: its own run's folder
     code, err = train_inprocess("--model", model, "--train", tmp_path / "t.jsonl", "--output", model, "--overwrite-output", "true")
     assert code == 2 and "holds the --model folder" in err, err
-    (tmp_path / "log.jsonl").write_text("")
+    (tmp_path / "log.jsonl").write_text(LOGGED)
     code, err = train_inprocess("--model", model, "--train", tmp_path / "t.jsonl", "--output", tmp_path, "--overwrite-output", "true")
     assert code == 2 and "holds the --model folder" in err, err  # the folder above it: --overwrite-output would empty it
     (tmp_path / "log.jsonl").unlink()
