@@ -46,14 +46,16 @@ def test_without_dropout_the_fast_loop_takes_the_exact_loops_steps(no_dropout, t
     assert F.cosine_similarity(*update, dim=0) > 0.999  # the same training, not only the same losses
 
 
-def test_fast_loop_resumes_to_the_uninterrupted_weights(standin_dir, tmp_path):
-    """Dropout on: kill after checkpoint 4 (mid-epoch, simulated by copying it), resume, same bytes as without a stop."""
+@pytest.mark.parametrize("at", [4, 6], ids=["mid-epoch", "epoch-end"])
+def test_fast_loop_resumes_to_the_uninterrupted_weights(standin_dir, tmp_path, at):
+    """Dropout on: kill after checkpoint `at` (simulated by copying it; 6 steps make an epoch), resume, same bytes as
+    without a stop."""
     full = tmp_path / "full"
-    train(*short(standin_dir, full, "--max-steps", 9, "--save-every", 4, "--keep-checkpoints", 3))
+    train(*short(standin_dir, full, "--max-steps", 9, "--save-every", 2, "--keep-checkpoints", 4))
     resumed = tmp_path / "resumed"
     resumed.mkdir()
-    shutil.copytree(full / "checkpoint-4", resumed / "checkpoint-4")
-    train(*short(standin_dir, resumed, "--max-steps", 9, "--save-every", 4, "--resume", "latest"))
+    shutil.copytree(full / f"checkpoint-{at}", resumed / f"checkpoint-{at}")
+    train(*short(standin_dir, resumed, "--max-steps", 9, "--save-every", 2, "--resume", "latest"))
     assert (resumed / "model.safetensors").read_bytes() == (full / "model.safetensors").read_bytes()
     assert list(losses(resumed)) == list(losses(full))
 
