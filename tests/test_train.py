@@ -195,6 +195,17 @@ def test_fp16_skips_overflowing_steps_and_holds_the_schedule(standin_dir, tmp_pa
     assert skipped and grown, "the run should show both an overflow and a growth"
 
 
+def test_fp16_grad_scaler_defaults_are_the_trainers(standin_dir, tmp_path):
+    """Without the options: GradScaler(init_scale 65536, growth 2.0, backoff 0.5, growth_interval 2000), as
+    transformers builds it for the card's fp16 run."""
+    train("--model", standin_dir, "--train", PAIRS, "--output", tmp_path, "--batch-size", 4, "--max-steps", 1,
+          "--max-length", 16, "--device", "cpu", "--precision", "fp16", "--save-every", 1, cpu_fp16=True)
+    scaler = torch.load(tmp_path / "checkpoint-1" / "scaler.pt", weights_only=True)
+    assert {k: scaler[k] for k in ("growth_factor", "backoff_factor", "growth_interval")} == \
+        {"growth_factor": 2.0, "backoff_factor": 0.5, "growth_interval": 2000}
+    assert scaler["scale"] in (65536.0, 32768.0)  # 32768 had the first step's gradients overflowed
+
+
 def test_fp16_skipped_steps_leave_the_weights_alone(standin_dir, tmp_path):
     train("--model", standin_dir, "--train", PAIRS, "--output", tmp_path, "--batch-size", 4, "--max-steps", 2,
           "--max-length", 16, "--device", "cpu", "--log-every", 1, "--precision", "fp16", "--fp16-init-scale", 2.0**40,
