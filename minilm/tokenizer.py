@@ -24,10 +24,10 @@ from .checkpoint import CheckpointError, read_json
 
 # transformers' stand-in for "no limit" when tokenizer_config.json has no model_max_length
 NO_LIMIT = int(1e30)
-# tokenizer_config.json's tokenizer_class -> what the model is given besides input_ids and attention_mask, as
-# transformers' class of that name has it (its model_input_names); None: no class named, BERT's. The BERT-like classes
-# rebuild tokenizer.json's normalizer from tokenizer_config.json (normalize_as_configured); PreTrainedTokenizerFast
-# takes tokenizer.json as written.
+# tokenizer_config.json's tokenizer_class -> whether the model is given token_type_ids, as transformers' class of that
+# name does (its model_input_names); None: no class named, BERT's. The BERT-like classes rebuild tokenizer.json's
+# normalizer from tokenizer_config.json (normalize_as_configured); PreTrainedTokenizerFast takes tokenizer.json as
+# written.
 TOKENIZER_CLASSES = {None: True, "PreTrainedTokenizerFast": True, "DistilBertTokenizer": False, "DistilBertTokenizerFast": False,
                      **{f"{name}Tokenizer{fast}": True for name in ("Bert", "Electra", "MobileBert", "SqueezeBert", "LayoutLM")
                         for fast in ("", "Fast")}}  # BERT's WordPiece, specials and normalizer rebuild, each of them
