@@ -353,7 +353,10 @@ labels_all = torch.tensor([p.label for p in train_pairs], dtype=torch.float32)
 # the fast loop's forward on real tokens only (minilm/unpadded.py); as CUDA graphs, the padded model on length buckets
 train_model = Unpadded(model) if fast and not graphed else model
 if ddp:
-    train_model = DDP(train_model, device_ids=[device] if device.type == "cuda" else None)
+    # find_unused_parameters as the Trainer sets it for a model without gradient checkpointing; it also keeps DDP's
+    # gradient buckets as first built (without it they are rebuilt after the first step, so a run resumed from a
+    # checkpoint summed its first step's gradients in another order: other last bits with 3 or more processes)
+    train_model = DDP(train_model, device_ids=[device] if device.type == "cuda" else None, find_unused_parameters=True)
 
 random.seed(cfg.seed)  # transformers.set_seed, called by the Trainer once the model exists
 np.random.seed(cfg.seed)

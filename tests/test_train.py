@@ -672,6 +672,30 @@ def test_bad_data_under_torchrun_is_one_line(tmp_path):
 
 
 @pytest.mark.parametrize("exact", ["true", "false"])
+def spawn_ddp(world: int, argv: list, out: Path) -> str:
+    """train.py in `world` gloo processes; the fingerprint of the weights, which every process must hold."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.spawn(ddp_worker, args=(world, port, [str(a) for a in argv], out), nprocs=world)
+    shas = {json.loads((out / f"rank{r}.json").read_text())["sha256"] for r in range(world)}
+    assert len(shas) == 1, "replicas diverged"
+    return shas.pop()
+
+
+def test_ddp_three_processes_resume_to_the_uninterrupted_weights(standin_dir, tmp_path):
+    """With 3 processes the gloo ring's sums depend on DDP's gradient buckets: rebuilt after the first step (as DDP
+    does without find_unused_parameters), a resumed run's first step summed in another order (1.6e-7 apart)."""
+    data = tmp_path / "ten.jsonl"
+    data.write_text("".join(PAIRS.read_text(encoding="utf-8").splitlines(keepends=True)[:10]), encoding="utf-8")
+    argv = ["--model", standin_dir, "--train", data, "--batch-size", 4, "--max-steps", 6, "--max-length", 32,
+            "--device", "cpu", "--log-every", 4, "--save-every", 3, "--exact", "true"]
+    uninterrupted = spawn_ddp(3, [*argv, "--output", tmp_path / "ddp"], tmp_path)
+    (tmp_path / "resumed").mkdir()
+    shutil.copytree(tmp_path / "ddp" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
+    assert spawn_ddp(3, [*argv, "--output", tmp_path / "resumed", "--resume", "latest"], tmp_path) == uninterrupted
+
+
 def test_ddp_gloo_two_processes(standin_dir, tmp_path, exact):
     """2 CPU ranks on 9 pairs in global batches of 8: rows 0-3 / 4-7, then a 1-row batch that rank 0 sits out. The
     first log interval (steps 1-2) straddles checkpoint-1: resumed from there, the run logs what it logged."""
@@ -681,13 +705,7 @@ def test_ddp_gloo_two_processes(standin_dir, tmp_path, exact):
             "--device", "cpu", "--log-every", 2, "--save-every", 1, "--keep-checkpoints", 3, "--exact", exact]
 
     def torchrun(*args):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        torch.multiprocessing.spawn(ddp_worker, args=(2, port, [str(a) for a in argv + list(args)], tmp_path), nprocs=2)
-        rank0, rank1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
-        assert rank0["sha256"] == rank1["sha256"], "replicas diverged"
-        return rank0["sha256"]
+        return spawn_ddp(2, argv + list(args), tmp_path)
 
     uninterrupted = torchrun("--output", tmp_path / "ddp")
     assert weights_fingerprint(load_file(tmp_path / "ddp" / "model.safetensors"))["sha256"] == uninterrupted
