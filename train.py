@@ -122,6 +122,7 @@ class TrainConfig:
 
 
 CHECKPOINT_NAME = re.compile(r"checkpoint-(\d+)")  # exactly: a user's checkpoint-500-best is not one
+LOST_PEER = re.compile(r"Connection (closed|reset) by peer|NCCL communicator was aborted|Socket Timeout")  # gloo, NCCL
 MAX_STEPS = 100_000_000  # 1.6 billion pairs in batches of 16
 FP32_MAX = 3.4028234663852886e38  # the lr table, weight decay and the GradScaler's scale live in fp32
 METAVARS = {int: "N", float: "X", str: "TEXT", bool: "true|false"}
@@ -169,6 +170,8 @@ def parse_config(argv) -> TrainConfig:
         (not cfg.output, "--output DIR is required"),
         (cfg.eval_every and not cfg.eval, "--eval-every needs --eval FILE"),
         (cfg.train == cfg.eval == "-", "--train and --eval cannot both read standard input ('-')"),
+        ("RANK" in os.environ and "-" in (cfg.train, cfg.eval), "under torchrun every process reads --train and --eval: "
+                                                               "give files, not standard input ('-')"),
         (cfg.resume and cfg.overwrite_output, "--resume continues the run in --output; --overwrite-output starts over: not both"),
     ]:
         if bad:
@@ -185,7 +188,15 @@ def die(message, every_process=False):
     per machine says so (LOCAL_RANK 0; another machine may lack a file), unless the problem is this process's own."""
     if every_process or "RANK" not in os.environ or os.environ.get("LOCAL_RANK", "0") == "0":
         sys.stderr.write(f"train.py: error: {message}\n")  # one write: lines of two processes are not interleaved
+    said_why()
     sys.exit(2)
+
+
+def said_why():
+    """This process has said why it stops: the SIGTERM torchrun then sends every process adds no second line (and no
+    traceback from whatever the exit was running)."""
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def checkpoints(folder, run=None):
@@ -217,11 +228,17 @@ def read_state(ckpt) -> dict:
 
 
 def one_line_errors(kind, error, traceback):
-    """A full disk or a vanished folder while logging or saving (exit status 1), or Ctrl-C: one line, no traceback."""
+    """A full disk or a vanished folder while logging or saving (exit status 1), another process of torchrun gone, or
+    Ctrl-C: one line, no traceback."""
     if issubclass(kind, KeyboardInterrupt):
         say_stopped("interrupted")
     elif issubclass(kind, OSError):
         print(f"train.py: error: {error}", file=sys.stderr)
+    elif "RANK" in os.environ and issubclass(kind, RuntimeError) and LOST_PEER.search(str(error)):
+        reason = str(error).splitlines()[0].split("] ", 1)[-1].split(". ")[0]  # without gloo's source line and advice
+        print(f"train.py: error: process {os.environ['RANK']} lost contact with another process ({reason}); that one "
+              "failed or was stopped, and says why if it could", file=sys.stderr)
+        said_why()
     else:
         sys.__excepthook__(kind, error, traceback)
 
@@ -421,8 +438,10 @@ def set_rng_state(rng: dict) -> None:
 
 
 def interval_totals():
-    """(loss sum, real tokens) since the last log, summed over ranks; the loss sum is the trainer's fp32 sum."""
-    totals = torch.stack([tr_loss.double(), torch.tensor(interval["tokens"], dtype=torch.float64, device=device)])
+    """(loss sum, real tokens, padded tokens) since the last log, summed over ranks; the loss sum is the trainer's
+    fp32 sum."""
+    totals = torch.stack([tr_loss.double(), *(torch.tensor(interval[k], dtype=torch.float64, device=device)
+                                              for k in ("tokens", "padded"))])
     if ddp:
         dist.all_reduce(totals)
     return totals.tolist()
@@ -459,7 +478,7 @@ def save_failed(what, error, lost=""):
 def save_checkpoint(step):
     stop_if_diverged()
     final, tmp = out / f"checkpoint-{step}", out / f".checkpoint-{step}.tmp"
-    loss_sum, tokens = interval_totals()  # a log interval may straddle the checkpoint
+    loss_sum, tokens, _ = interval_totals()  # a log interval may straddle the checkpoint
     pending = {**interval, "loss": loss_sum, "tokens": int(tokens), "seconds": time.time() - t_log}
     if master:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -513,11 +532,6 @@ if cfg.resume:
         # checkpoints are renamed into place only when complete, so damage came from outside: never skipped silently
         one_before = f"; the one before it: --resume {found[-2]}" if len(found) > 1 else ""
     saved = read_state(ckpt)
-    missing = [f.name for f in (ckpt / "trainer_state.json", ckpt / "model.safetensors", ckpt / "optimizer.pt",
-                                ckpt / "scaler.pt", ckpt / f"rng_state_{rank}.pth") if not f.is_file()]
-    if missing or "step" not in saved:
-        die(f"--resume: {ckpt} is not a complete checkpoint of train.py ({', '.join(missing) or 'trainer_state.json'} "
-            f"missing or unreadable){one_before}", every_process=True)  # rng_state_{rank}.pth is each process's own
     if isinstance(saved.get("model"), str):
         saved["model"] = model_id(saved["model"])  # checkpoints of earlier versions hold it as it was written
     # a key an earlier version did not save (log_every) does not stop its checkpoints from resuming
@@ -526,6 +540,11 @@ if cfg.resume:
     if changed:
         die(f"--resume: this run differs from the checkpoint's ({'; '.join(changed)}); exact resumption needs the same "
             "data and settings")
+    missing = [f.name for f in (ckpt / "trainer_state.json", ckpt / "model.safetensors", ckpt / "optimizer.pt",
+                                ckpt / "scaler.pt", ckpt / f"rng_state_{rank}.pth") if not f.is_file()]
+    if missing or "step" not in saved:
+        die(f"--resume: {ckpt} is not a complete checkpoint of train.py ({', '.join(missing) or 'trainer_state.json'} "
+            f"missing or unreadable){one_before}", every_process=True)  # rng_state_{rank}.pth is each process's own
     try:
         model.load_state_dict(load_file(ckpt / "model.safetensors", device=str(device)))
         optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location=device, weights_only=True))
@@ -594,7 +613,7 @@ def record(entry):
 def log_interval(step, epoch):
     """The mean loss of the steps since the last log line, and what else the log shows (syncs the host: log time)."""
     global t_log, interval
-    loss_sum, tokens = interval_totals()
+    loss_sum, tokens, padded = interval_totals()
     tr_loss.zero_()
     dt, t_log = time.time() - t_log, time.time()
     # the last step's lr, from the schedule's Python floats (the fast loop's copy on the device is fp32): `taken`
@@ -602,7 +621,7 @@ def log_interval(step, epoch):
     lr = schedule[int(taken) - (int(torch.isfinite(grad_norm)) if scaler.is_enabled() else 1)]
     entry = {"step": step, "epoch": epoch, "loss": loss_sum / interval["steps"], "lr": lr,
              "grad_norm": grad_norm.item(), "tokens_per_s": tokens / dt, "seconds": dt,
-             "padding": 1 - interval["tokens"] / interval["padded"]}
+             "padding": 1 - tokens / padded}
     if scaler.is_enabled():
         entry["scale"] = scaler.get_scale()
     state["loss_total"] += loss_sum
@@ -696,7 +715,7 @@ for epoch in range(start_epoch, epochs):
             train_step(inputs, copy_in(labels_all[rows], device), weight)
         step += 1
         bar.update(1)
-        lengths = [len(encodings[i].ids) for i in rows]
+        lengths = [len(encodings[i].ids) for i in rows] if hi > lo else [0]  # a rank sitting out counts nothing
         interval["steps"] += 1
         interval["tokens"] += sum(lengths)
         if graphed:  # padded to its length bucket

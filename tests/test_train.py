@@ -660,6 +660,43 @@ def ddp_worker(rank, world, port, argv, out):
     Path(out, f"rank{rank}.json").write_text(json.dumps(weights_fingerprint(script["model"].state_dict())))
 
 
+LOSES_A_PROCESS = """
+import os, runpy, sys
+import torch.nn.functional as F
+bce, calls = F.binary_cross_entropy_with_logits, []
+def dying(*args, **kwargs):  # process 1 crashes at its third step, saying nothing
+    calls.append(1)
+    if os.environ["RANK"] == "1" and len(calls) == 3:
+        os._exit(3)
+    return bce(*args, **kwargs)
+F.binary_cross_entropy_with_logits = dying
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_a_process_lost_under_torchrun_is_one_line(standin_dir, tmp_path):
+    """The process left behind says so in one line (not gloo's traceback), and nothing else (no "stopped by SIGTERM"
+    when torchrun then stops it)."""
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                           "--no-python", sys.executable, "-c", LOSES_A_PROCESS, str(TRAIN), *map(str, short_run(
+                               standin_dir, tmp_path / "o", "--batch-size", 4, "--max-steps", 6, "--save-every", 0))],
+                          capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode != 0
+    said = [line for line in done.stderr.splitlines() if "train.py:" in line]
+    assert len(said) == 1 and re.search(r"train.py: error: process 0 lost contact with another process \(.*by peer\); "
+                                        "that one failed or was stopped", said[0]), done.stderr
+
+
+def test_standard_input_under_torchrun_is_refused(tmp_path, train_inprocess, monkeypatch):
+    """Every process would read the one pipe: each got part of it (malformed JSON, or no rows)."""
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, err = train_inprocess("--train", "-", "--output", tmp_path / "o")
+    assert code == 2 and "under torchrun every process reads --train and --eval: give files" in err, err
+
+
 def test_bad_data_under_torchrun_is_one_line(tmp_path):
     """Every process finds the same bad row; one of them (per machine) says so."""
     (tmp_path / "t.jsonl").write_text(GOOD + '{"query": "q", "passage": "p", "label": 2}\n')
@@ -671,7 +708,6 @@ def test_bad_data_under_torchrun_is_one_line(tmp_path):
     assert errors == [f"train.py: error: {tmp_path / 't.jsonl'}:2: field 'label': expected a number in [0, 1], got 2"], done.stderr
 
 
-@pytest.mark.parametrize("exact", ["true", "false"])
 def spawn_ddp(world: int, argv: list, out: Path) -> str:
     """train.py in `world` gloo processes; the fingerprint of the weights, which every process must hold."""
     with socket.socket() as s:
@@ -696,6 +732,7 @@ def test_ddp_three_processes_resume_to_the_uninterrupted_weights(standin_dir, tm
     assert spawn_ddp(3, [*argv, "--output", tmp_path / "resumed", "--resume", "latest"], tmp_path) == uninterrupted
 
 
+@pytest.mark.parametrize("exact", ["true", "false"])
 def test_ddp_gloo_two_processes(standin_dir, tmp_path, exact):
     """2 CPU ranks on 9 pairs in global batches of 8: rows 0-3 / 4-7, then a 1-row batch that rank 0 sits out. The
     first log interval (steps 1-2) straddles checkpoint-1: resumed from there, the run logs what it logged."""
