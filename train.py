@@ -189,14 +189,19 @@ def die(message, every_process=False):
     if every_process or "RANK" not in os.environ or os.environ.get("LOCAL_RANK", "0") == "0":
         sys.stderr.write(f"train.py: error: {message}\n")  # one write: lines of two processes are not interleaved
     said_why()
+    if globals().get("lock") is not None:  # the --output lock, for a caller that goes on (train.py run in-process)
+        os.close(globals()["lock"])
     sys.exit(2)
 
 
 def said_why():
     """This process has said why it stops: the SIGTERM torchrun then sends every process adds no second line (and no
     traceback from whatever the exit was running)."""
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, signal.SIG_IGN)
+    global stopping
+    stopping = True
+
+
+stopping = False  # set by said_why()
 
 
 def checkpoints(folder, run=None):
@@ -244,6 +249,8 @@ def one_line_errors(kind, error, traceback):
 
 
 def stop(signum, frame):
+    if stopping:  # on its way out already, having said why
+        return
     say_stopped(f"stopped by {signal.Signals(signum).name}")
     sys.exit(128 + signum)  # unwinds like Ctrl-C, so no temporary file is left behind
 
@@ -524,6 +531,22 @@ def json_line(entry) -> str:
     return json.dumps({k: v if not isinstance(v, float) or math.isfinite(v) else None for k, v in entry.items()}) + "\n"
 
 
+def lock_output() -> int:
+    """An flock on --output, held until this process ends, however it ends: two runs in one folder would mix their
+    logs, checkpoints and models (the processes of a killed torchrun go on training)."""
+    lock = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(lock)
+        die(f"--output {out}: another train.py is writing there now (a run still going, or the processes of a "
+            "killed torchrun); wait for it or stop it, or choose another folder")
+    except OSError:
+        pass  # a file system without locks (some network ones): nothing to check with
+    return lock
+
+
+lock = lock_output() if master and out.is_dir() else None  # before a checkpoint is read: another run may be pruning it
 if cfg.resume:
     ckpt, one_before = Path(cfg.resume), ""
     if cfg.resume == "latest":
@@ -582,14 +605,7 @@ if cfg.resume:
 if master:
     try:
         out.mkdir(parents=True, exist_ok=True)
-        lock = os.open(out, os.O_RDONLY)  # held until this process ends, however it ends
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:  # two runs in one folder would mix their logs, checkpoints and models
-            die(f"--output {out}: another train.py is writing there now (a run still going, or the processes of a "
-                "killed torchrun); wait for it or stop it, or choose another folder")
-        except OSError:
-            pass  # a file system without locks (some network ones): nothing to check with
+        lock = lock if lock is not None else lock_output()
         if cfg.overwrite_output:  # the earlier run's files only: not a failed new run beside an old model
             for old in checkpoints(out):
                 remove_checkpoint(old)

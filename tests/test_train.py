@@ -641,11 +641,15 @@ def test_a_second_run_in_the_same_output_is_refused(standin_dir, tmp_path, train
     held = os.open(out, os.O_RDONLY)
     try:
         fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        code, err = train_inprocess(*short_run(standin_dir, out))
+        errors = [train_inprocess(*short_run(standin_dir, out))]
+        (out / "checkpoint-1").mkdir()  # being deleted by the running one, say: --resume must not read it first
+        errors.append(train_inprocess(*short_run(standin_dir, out, "--resume", "latest")))
     finally:
         os.close(held)
-    assert code == 2 and err == f"train.py: error: --output {out}: another train.py is writing there now (a run still " \
-        "going, or the processes of a killed torchrun); wait for it or stop it, or choose another folder\n"
+    for code, err in errors:
+        assert code == 2 and err == f"train.py: error: --output {out}: another train.py is writing there now (a run " \
+            "still going, or the processes of a killed torchrun); wait for it or stop it, or choose another folder\n"
+    (out / "checkpoint-1").rmdir()
     assert list(out.iterdir()) == []
     code, err = train_inprocess(*short_run(standin_dir, out), "--max-steps", 1)  # released: the folder is usable
     assert code == 0, err
