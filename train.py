@@ -25,8 +25,8 @@ Sources: transformers/trainer.py (_inner_training_loop, create_optimizer), trans
 accelerate/data_loader.py (SeedableRandomSampler), torch/utils/data/dataloader.py (_BaseDataLoaderIter).
 The default, `--exact false`, keeps that recipe and changes how it is computed: batches packed without padding and
 cheaper dropout masks (minilm/unpadded.py), fused AdamW, no host sync per step, bf16 on CPUs with native bf16
-(docs/training.md); with --cuda-graphs true on one GPU, each step (`train_step`) is replayed as a CUDA graph
-(minilm/cuda_graphs.py).
+(docs/training.md); on one GPU, each step (`train_step`) is replayed as a CUDA graph (minilm/cuda_graphs.py;
+--cuda-graphs false for the eager loop).
 
 Outputs in --output: the model in Hugging Face format (loads in minilm, sentence-transformers and transformers) with
 a README.md model card, log.jsonl (one record per --log-every steps at full precision, plus evaluations and the final
@@ -106,12 +106,12 @@ class TrainConfig:
     exact: bool = option(False, "true: the sentence-transformers trainer's own computation (bit for bit on a CPU in fp32: "
                                 "padded batches, its kernels and random draws); false: the fast loop, same recipe "
                                 "(unpadded batches, cheaper dropout masks, fused AdamW, no host sync per step)")
-    cuda_graphs: bool = option(False, "fast loop on one GPU: replay each step as a CUDA graph, batches padded to 64-token "
-                                      "length buckets (one graph per bucket, captured when first seen). The eager loop "
-                                      "waits on Python launching ~800 kernels a step (H100: GPU busy ~5 of 35 ms); graphs "
-                                      "ran 5.3x the trainer's steps/s there, but their losses fell faster than the "
-                                      "trainer's, not yet explained (docs/performance.md): off until then. Not on CPUs, "
-                                      "under torchrun or with --exact true")
+    cuda_graphs: str = option("auto", "auto: on for the fast loop on one GPU, off otherwise; true/false. Each step is "
+                                      "replayed as a CUDA graph, batches padded to 64-token length buckets (one graph "
+                                      "per bucket, captured when first seen): the eager loop waits on Python launching "
+                                      "~800 kernels a step. H200: 4.7x the trainer's steps/s, 500-step mean losses "
+                                      "within 0.2% of its (docs/performance.md). true is refused on a CPU, under "
+                                      "torchrun and with --exact true")
     resume: str = option("", "a checkpoint folder, or 'latest' for the newest in --output")
     overwrite_output: bool = option(False, "start over in an --output that holds an earlier run (its model, logs and "
                                            "checkpoints are deleted; other files stay)")
@@ -139,6 +139,7 @@ VALUE_RULES = [  # (option, test, the rule as the error says it)
     ("weight_decay", lambda v: 0 <= v < FP32_MAX, "0 or more and below 3.4e38 (fp32)"),
     ("max_grad_norm", lambda v: v > 0, "> 0 (inf: no clipping)"),
     ("precision", lambda v: v in ("auto", "fp32", "fp16", "bf16"), "auto, fp32, fp16 or bf16"),
+    ("cuda_graphs", lambda v: v in ("auto", "true", "false"), "auto, true or false"),
     ("fp16_init_scale", lambda v: 0 < v < FP32_MAX, "> 0 and below 3.4e38 (the GradScaler's scale is fp32)"),
     ("fp16_growth_interval", lambda v: v >= 1, "at least 1"),
 ]
@@ -313,9 +314,10 @@ try:
     precisions.check(precision, device, offered=("fp32", "fp16", "bf16"))
 except ValueError as e:
     die(f"--precision {precision}: {e}")
-graphed = cfg.cuda_graphs  # minilm/cuda_graphs.py
-if graphed and not (fast and cuda_graphs.usable(device) and not ddp):
+graphs_fit = fast and cuda_graphs.usable(device) and not ddp  # minilm/cuda_graphs.py
+if cfg.cuda_graphs == "true" and not graphs_fit:
     die("--cuda-graphs true is for the fast loop on one GPU: not with --exact true, on a CPU or under torchrun")
+graphed = cfg.cuda_graphs == "true" or (cfg.cuda_graphs == "auto" and graphs_fit)
 if ddp:
     dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 master = rank == 0

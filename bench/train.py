@@ -178,7 +178,8 @@ def main():
     train_file.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
 
     graphs = ("--cuda-graphs", "true")
-    systems = {"fast": lambda m: run_minilm(model, train_file, args, False, tmp / f"fast{m}", masks=m),
+    systems = {"fast": lambda m: run_minilm(model, train_file, args, False, tmp / f"fast{m}", "--cuda-graphs", "false",
+                                            masks=m),
                "fast-graphs": lambda m: run_minilm(model, train_file, args, False, tmp / f"graphs{m}", *graphs, masks=m),
                "fast-graphs-math": lambda m: run_minilm(model, train_file, args, False, tmp / f"graphs-math{m}", *graphs,
                                                         masks=m, attention="math"),

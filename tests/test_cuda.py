@@ -83,7 +83,7 @@ def test_cuda_graphs_take_the_eager_fast_loops_steps(no_dropout, tmp_path):
     """Dropout off: replaying graphs of the padded model on length buckets gives the per-step losses and gradient
     norms of the eager, unpadded fast loop (fp32: within 1e-4 and 1e-3, fp16: 3e-2 and 5e-2, relative) and its lr at
     every step, over 10 steps (44 pairs in batches of 8: the sixth batch has 4 rows, another graph)."""
-    runs = {"eager": ["--precision", "fp32"], "graphs": ["--cuda-graphs", "true", "--precision", "fp32"],
+    runs = {"eager": ["--cuda-graphs", "false", "--precision", "fp32"], "graphs": ["--precision", "fp32"],  # auto: graphs
             "graphs fp16": ["--cuda-graphs", "true"]}
     for name, extra in runs.items():
         log = cuda_train(no_dropout, tmp_path / name, "--max-steps", 10, *extra)
@@ -115,7 +115,7 @@ def test_cuda_graph_replays_draw_new_dropout_masks(standin_dir, tmp_path, dropou
     same = tmp_path / "same.jsonl"
     row = {"query": "кто написал войну и мир", "passage": "Роман «Война и мир» написал Лев Толстой.", "label": 1}
     same.write_text((json.dumps(row, ensure_ascii=False) + "\n") * 16, encoding="utf-8")
-    for name, extra in {"eager": [], "graphs": ["--cuda-graphs", "true"]}.items():
+    for name, extra in {"eager": ["--cuda-graphs", "false"], "graphs": ["--cuda-graphs", "true"]}.items():
         cuda_train(model, tmp_path / name, "--train", same, "--max-steps", 8, "--lr", 1e-12, "--precision", "fp32", *extra)
         per_step = list(losses(tmp_path / name))
         assert len(per_step) == 8 and len(set(per_step)) == 8, (name, per_step)

@@ -290,6 +290,8 @@ def test_bad_data_exits_2_naming_the_line(tmp_path, train_inprocess, name, text,
     (["--seed", str(2**32)], f"--seed must be in [0, 2**32) (numpy's limit), got {2**32}"),
     (["--fp16-init-scale", "inf"], "--fp16-init-scale must be > 0 and below 3.4e38"),  # every step skipped, nothing trained
     (["--eval-every", "5"], "--eval-every needs --eval FILE"),
+    (["--cuda-graphs", "yes"], "--cuda-graphs must be auto, true or false, got 'yes'"),
+    (["--cuda-graphs", "true"], "--cuda-graphs true is for the fast loop on one GPU"),  # this CPU
     (["--train", "-", "--eval", "-"], "--train and --eval cannot both read standard input ('-')"),
     (["--model="], "the model name is empty (''): give a local folder"),  # not the current folder
     (["--max-steps", "300000000"], "train.py runs at most 100,000,000"),  # not a MemoryError building the lr table
