@@ -110,7 +110,7 @@ class TrainConfig:
                                       "replayed as a CUDA graph, batches padded to 64-token length buckets (one graph "
                                       "per bucket, captured when first seen): the eager loop waits on Python launching "
                                       "~800 kernels a step. H200: 4.7x the trainer's steps/s, 500-step mean losses "
-                                      "within 0.2% of its (docs/performance.md). true is refused on a CPU, under "
+                                      "within 0.2%% of its (docs/performance.md). true is refused on a CPU, under "
                                       "torchrun and with --exact true")
     resume: str = option("", "a checkpoint folder, or 'latest' for the newest in --output")
     overwrite_output: bool = option(False, "start over in an --output that holds an earlier run (its model, logs and "

@@ -323,6 +323,19 @@ def test_bad_options_exit_2(tmp_path, train_inprocess, args, message):
     assert not (tmp_path / "out").exists()
 
 
+def test_help_lists_every_option():
+    done = subprocess.run([sys.executable, str(TRAIN), "--help"], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert done.returncode == 0 and done.stderr == "", done.stderr[-2000:]
+    for name in TRAIN_OPTIONS:
+        assert f"--{name} " in done.stdout, name
+
+
+TRAIN_OPTIONS = ["model", "revision", "train", "output", "eval", "epochs", "batch-size", "lr", "warmup-ratio",
+                 "weight-decay", "max-grad-norm", "seed", "precision", "max-length", "log-every", "eval-every",
+                 "save-every", "keep-checkpoints", "exact", "cuda-graphs", "resume", "overwrite-output", "max-steps",
+                 "device", "fp16-init-scale", "fp16-growth-interval"]
+
+
 def test_train_and_output_are_required(train_inprocess):
     code, err = train_inprocess("--train", PAIRS)
     assert code == 2 and err.splitlines()[-1] == "train.py: error: --output DIR is required (see train.py --help)"
