@@ -44,9 +44,9 @@ DTYPE_CHOICES = ("fp32", "bf16", "fp16", "int8")
 FORMAT_CHOICES = ("jsonl", "tsv", "csv")
 CHUNK_ROWS = 1024  # rows read, scored and written at a time in file mode (under torchrun, how often the progress bar moves)
 # Tokenize the next chunk in a worker thread while this one is scored (see `tokenized`). Off: measured, it gained
-# nothing on a CPU (tokenizing is under 1% of the time there) and lost on an H100 (0.82x the pairs/s of tokenizing
-# in line: the tokenizer's threads and its Python part compete with the Python that launches the GPU's kernels);
-# docs/performance.md
+# nothing on a CPU (tokenizing is under 1% of the time there) and lost on an H100 and an H200 (0.82x, 0.83x the
+# pairs/s of tokenizing in line: the tokenizer's threads and its Python part compete with the Python that launches
+# the GPU's kernels); docs/performance.md
 TOKENIZE_AHEAD = False
 # Under torchrun, how long a process waits for the others at an exchange: they may be loading the model (downloading
 # it, the first time) or scoring a chunk. One that takes longer is taken for hung, and the others stop.
