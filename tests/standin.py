@@ -72,18 +72,26 @@ TOKENIZER_VARIANT_PAIRS = [("Who lives in Berlin?", "Café naïve, Тёмная 
 
 
 def tokenizer_variant(standin_dir, out_dir, name: str) -> Path:
-    """A copy of the stand-in (weights linked, not copied) with TOKENIZER_VARIANTS[name] written into its tokenizer."""
+    """A copy of the stand-in with TOKENIZER_VARIANTS[name] written into its tokenizer files."""
     config_keys, normalizer_keys = TOKENIZER_VARIANTS[name]
+    config = json.loads((Path(standin_dir) / "tokenizer_config.json").read_text())
+    return tokenizer_copy(standin_dir, out_dir, {**config, **config_keys}, normalizer_keys)
+
+
+def tokenizer_copy(standin_dir, out_dir, config: dict, normalizer: dict | None = None) -> Path:
+    """A copy of the stand-in (its other files linked, not copied) whose tokenizer_config.json is `config`, and whose
+    tokenizer.json's normalizer has the keys of `normalizer` set."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True)
+    rewritten = ("tokenizer_config.json", *(["tokenizer.json"] if normalizer else []))
     for f in Path(standin_dir).iterdir():
-        if f.name not in ("tokenizer_config.json", "tokenizer.json"):
+        if f.name not in rewritten:
             (out_dir / f.name).symlink_to(f.resolve())
-    config = json.loads((Path(standin_dir) / "tokenizer_config.json").read_text())
-    (out_dir / "tokenizer_config.json").write_text(json.dumps({**config, **config_keys}, indent=2))
-    tokenizer = json.loads((Path(standin_dir) / "tokenizer.json").read_text())
-    tokenizer["normalizer"].update(normalizer_keys)
-    (out_dir / "tokenizer.json").write_text(json.dumps(tokenizer))
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(config, indent=2))
+    if normalizer:
+        tokenizer = json.loads((Path(standin_dir) / "tokenizer.json").read_text())
+        tokenizer["normalizer"].update(normalizer)
+        (out_dir / "tokenizer.json").write_text(json.dumps(tokenizer))
     return out_dir
 
 

@@ -19,13 +19,17 @@ from tokenizers import Tokenizer, normalizers
 from minilm import CrossEncoder
 from minilm.checkpoint import CheckpointError
 from minilm.tokenizer import PairTokenizer, longest_first
-from standin import TOKENIZER_VARIANT_PAIRS, TOKENIZER_VARIANTS, tokenizer_variant
+from standin import TOKENIZER_VARIANT_PAIRS, TOKENIZER_VARIANTS, tokenizer_copy, tokenizer_variant
 
 TOL = 1e-6
 
 
 def max_diff(ours, golden_values) -> float:
     return float(np.max(np.abs(np.asarray(ours, dtype=np.float64) - np.asarray(golden_values, dtype=np.float64))))
+
+
+def standin_tokenizer_config(standin_dir) -> dict:
+    return json.loads((standin_dir / "tokenizer_config.json").read_text())
 
 
 @pytest.fixture(scope="module")
@@ -103,13 +107,7 @@ def test_tokenizer_config_overrides_the_normalizer_as_transformers_does(standin_
     """transformers' BertTokenizerFast rebuilds tokenizer.json's BERT normalizer from tokenizer_config.json's
     do_lower_case / strip_accents / tokenize_chinese_chars (defaults True, None, True). Checked once against
     sentence-transformers 5.1 on such copies of the stand-in: the same scores to 1e-6 (docs/parity.md)."""
-    folder = tmp_path / "model"
-    folder.mkdir()
-    for f in standin_dir.iterdir():
-        (folder / f.name).symlink_to(f)
-    config = json.loads((standin_dir / "tokenizer_config.json").read_text())
-    (folder / "tokenizer_config.json").unlink()
-    (folder / "tokenizer_config.json").write_text(json.dumps({**config, **setting}))
+    folder = tokenizer_copy(standin_dir, tmp_path / "model", {**standin_tokenizer_config(standin_dir), **setting})
     rule = {"lowercase": True, "strip_accents": None, "handle_chinese_chars": True}
     names = {"do_lower_case": "lowercase", "strip_accents": "strip_accents", "tokenize_chinese_chars": "handle_chinese_chars"}
     expected = Tokenizer.from_file(str(standin_dir / "tokenizer.json"))
@@ -142,13 +140,7 @@ def test_tokenizer_class_and_model_input_names_as_in_sentence_transformers(stand
 def test_tokenizer_classes_that_tokenize_as_bert_does(standin_dir, tmp_path, golden, golden_pairs, name):
     """transformers' tokenizers of these names are BERT's WordPiece with its specials and token types; sentence-
     transformers 5.1 scores the stand-in with ElectraTokenizer as without it (checked: -0.0615407, -0.0400882)."""
-    folder = tmp_path / "model"
-    folder.mkdir()
-    for f in standin_dir.iterdir():
-        (folder / f.name).symlink_to(f)
-    config = json.loads((standin_dir / "tokenizer_config.json").read_text())
-    (folder / "tokenizer_config.json").unlink()
-    (folder / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": name}))
+    folder = tokenizer_copy(standin_dir, tmp_path / "model", {**standin_tokenizer_config(standin_dir), "tokenizer_class": name})
     encodings = PairTokenizer.from_dir(folder, None, 512).encode(golden_pairs)
     assert [e.ids for e in encodings] == golden["input_ids"]["512"]
     assert [e.type_ids.count(0) for e in encodings] == golden["segment_a_length"]["512"]
@@ -165,12 +157,7 @@ def test_tokenizer_classes_that_tokenize_as_bert_does(standin_dir, tmp_path, gol
                                                              "attention_mask: the model would attend to padding"),
 ])
 def test_tokenizer_settings_minilm_cannot_follow_are_refused(standin_dir, tmp_path, setting, message):
-    folder = tmp_path / "model"
-    folder.mkdir()
-    for f in standin_dir.iterdir():
-        (folder / f.name).symlink_to(f)
-    (folder / "tokenizer_config.json").unlink()
-    (folder / "tokenizer_config.json").write_text(json.dumps(setting))
+    folder = tokenizer_copy(standin_dir, tmp_path / "model", setting)
     with pytest.raises(CheckpointError, match=f"^{folder / 'tokenizer_config.json'}: " + re.escape(message)):
         PairTokenizer.from_dir(folder, None, 512)
     if "model_max_length" in setting:  # a max_length given at load is taken instead
