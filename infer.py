@@ -37,7 +37,7 @@ import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from minilm.cli import ArgumentParser, whole_number
+from minilm.cli import ArgumentParser, exit_after_process_group, whole_number
 
 DEFAULT_MODEL = "cross-encoder/ms-marco-MiniLM-L6-v2"
 DTYPE_CHOICES = ("fp32", "bf16", "fp16", "int8")
@@ -732,5 +732,12 @@ def fail(message: str, status: int = 2, quiet: bool = False) -> int:
     return status
 
 
+def exit_process(status: int):
+    """sys.exit(status); under torchrun, without the teardown that may abort after the process group's end."""
+    if torchrun_rank()[1] > 1:
+        exit_after_process_group(status)
+    sys.exit(status)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())

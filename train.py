@@ -812,3 +812,4 @@ if master:
 if ddp:
     dist.barrier()
     dist.destroy_process_group()
+    cli.exit_after_process_group(0)

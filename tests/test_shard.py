@@ -249,3 +249,18 @@ def test_sigterm_leaves_no_output(standin_dir, tmp_path):
     assert infer_lines(stderr) == ["infer.py: stopped by SIGTERM (torchrun sends it to every process when it is stopped "
                                    "or when one of them fails); no output written"], stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"] and dst.read_text() == "old\n"
+
+
+
+FULL_DISK = "class Full(io.StringIO):\n    def flush(self): raise OSError(28, 'No space left on device')\nsys.stdout = Full()\n"
+
+
+@pytest.mark.parametrize("status, stdout, want", [(0, "", 0), (3, "", 3), (0, FULL_DISK, 120)])
+def test_the_exit_after_the_process_group_flushes_and_keeps_the_status(status, stdout, want):
+    """A process torchrun started ends with os._exit once its process group is destroyed (the interpreter's teardown
+    may abort there): what it printed still comes out, its status is kept, and a failed flush is still a failure."""
+    code = f"import io, sys\nfrom minilm.cli import exit_after_process_group\n{stdout}print('scored')\n" \
+           f"exit_after_process_group({status})"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == want, done.stderr
+    assert done.stdout == ("" if stdout else "scored\n")

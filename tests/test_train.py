@@ -25,7 +25,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from minilm import CrossEncoder
+from minilm import CrossEncoder, cli
 from minilm.data import DataError, fingerprint, read_pairs, read_ranking_pairs
 from minilm.evaluate import main as evaluate_main
 from minilm.metrics import rerank_metrics
@@ -675,8 +675,10 @@ def ddp_worker(rank, world, port, argv, out):
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     sys.argv = ["train.py", *argv]
-    script = runpy.run_path(str(TRAIN), run_name="__main__")
+    exit_after_process_group, cli.exit_after_process_group = cli.exit_after_process_group, lambda status: None
+    script = runpy.run_path(str(TRAIN), run_name="__main__")  # its last step is left to this worker: the weights first
     Path(out, f"rank{rank}.json").write_text(json.dumps(weights_fingerprint(script["model"].state_dict())))
+    exit_after_process_group(0)
 
 
 LOSES_A_PROCESS = """
