@@ -37,7 +37,7 @@ import unicodedata
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from minilm.cli import ArgumentParser, exit_after_process_group, whole_number
+from minilm.cli import ArgumentParser, exit_after_process_group, stop_on_signals, whole_number
 
 DEFAULT_MODEL = "cross-encoder/ms-marco-MiniLM-L6-v2"
 DTYPE_CHOICES = ("fp32", "bf16", "fp16", "int8")
@@ -668,9 +668,7 @@ def main(argv=None) -> int:
         return fail("standard output is closed")
     global error_reported
     error_reported = False
-    for signum in (signal.SIGTERM, signal.SIGHUP):  # like Ctrl-C: unwind, so no temporary output is left
-        if signal.getsignal(signum) is not signal.SIG_IGN:  # under nohup, SIGHUP stays ignored
-            signal.signal(signum, stop)
+    stop_on_signals(stop)  # like Ctrl-C: unwind, so no temporary output is left
     from minilm.data import DataError  # plain Python; torch is imported later, by load_model
 
     rank, world = torchrun_rank()

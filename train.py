@@ -265,9 +265,7 @@ def say_stopped(how):
 cfg = parse_config(sys.argv[1:])
 out = Path(cfg.output)
 sys.excepthook = one_line_errors
-for signum in (signal.SIGTERM, signal.SIGHUP):
-    if signal.getsignal(signum) is not signal.SIG_IGN:  # under nohup, SIGHUP stays ignored
-        signal.signal(signum, stop)
+cli.stop_on_signals(stop)
 if out.exists() and not out.is_dir():
     die(f"--output {out}: exists and is not a folder")
 if not os.access(out if out.is_dir() else next(p for p in out.absolute().parents if p.exists()), os.W_OK):
@@ -535,7 +533,8 @@ def json_line(entry) -> str:
 
 def lock_output() -> int:
     """An flock on --output, held until this process ends, however it ends: two runs in one folder would mix their
-    logs, checkpoints and models (the processes of a killed torchrun go on training)."""
+    logs, checkpoints and models (and the processes of a torchrun killed outright may still be stopping, or, off
+    Linux, training on)."""
     lock = os.open(out, os.O_RDONLY)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -1,5 +1,5 @@
 """What the command lines (train.py, infer.py, python -m minilm.evaluate) share: one-line errors, strictly read values,
-the end of a process torchrun started.
+stopping on signals, the end of a process torchrun started.
 
 No torch here: infer.py checks its arguments before importing it, so that `--help` and mistakes are instant.
 """
@@ -7,6 +7,7 @@ No torch here: infer.py checks its arguments before importing it, so that `--hel
 import argparse
 import os
 import re
+import signal
 import sys
 
 # Python's int() and float() also take "1_0" (10), " 7 " and other scripts' digits ("٣" is 3): a typo would pass
@@ -91,6 +92,22 @@ def true_or_false(text: str) -> bool:
     if text.lower() not in ("true", "false"):
         raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
     return text.lower() == "true"
+
+
+def stop_on_signals(handler) -> None:
+    """`handler` for SIGTERM and SIGHUP (SIGHUP stays ignored under nohup). Under torchrun also SIGTERM when torchrun
+    dies: it starts its processes in sessions of their own, so `kill -9` of torchrun (or the out-of-memory killer)
+    left them running on, holding their GPUs, and train.py's --output lock."""
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) is not signal.SIG_IGN:
+            signal.signal(signum, handler)
+    if "TORCHELASTIC_RUN_ID" in os.environ and sys.platform.startswith("linux"):
+        import ctypes
+
+        # Not checked: whether torchrun died before this call (the process would then find no rendezvous to join).
+        # A parent process id of 1 says nothing here: in a container torchrun itself is often process 1.
+        set_parent_death_signal = 1  # PR_SET_PDEATHSIG, from <sys/prctl.h>
+        ctypes.CDLL(None).prctl(set_parent_death_signal, signal.SIGTERM)
 
 
 def exit_after_process_group(status: int):

@@ -6,6 +6,7 @@ checkpoint, and compares with `infer.main` run in this process. torchrun adds it
 stderr; the lines of infer.py's are the ones that start with "infer.py:".
 """
 
+import contextlib
 import json
 import os
 import re
@@ -250,6 +251,43 @@ def test_sigterm_leaves_no_output(standin_dir, tmp_path):
                                    "or when one of them fails); no output written"], stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"] and dst.read_text() == "old\n"
 
+
+
+
+def running(text: str) -> list[int]:
+    """The processes whose command line holds `text`."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if text.encode() in cmdline.read_bytes():
+                found.append(int(cmdline.parent.name))
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_kill_9_of_torchrun_stops_its_processes(standin_dir, tmp_path):
+    """torchrun starts its processes in sessions of their own: killed outright, it left them scoring on. They now get
+    SIGTERM when it dies, and unwind: no temporary output left, the old output kept."""
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_input(src, "jsonl", ROWS * 400)
+    dst.write_text("old\n")
+    proc = subprocess.Popen(torchrun_command("--model", standin_dir, *QUICK, "--input", src, "--output", dst), cwd=REPO,
+                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 120
+    while not list(tmp_path.glob(".out.jsonl.*.tmp")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert list(tmp_path.glob(".out.jsonl.*.tmp")), "the temporary output never appeared"
+    assert len(running(str(src))) == 3  # torchrun and its two processes
+    proc.kill()
+    proc.wait(timeout=60)
+    deadline = time.time() + 60
+    while running(str(src)) and time.time() < deadline:
+        time.sleep(0.1)
+    left = running(str(src))
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert left == [], "torchrun's processes outlived it"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"] and dst.read_text() == "old\n"
 
 
 FULL_DISK = "class Full(io.StringIO):\n    def flush(self): raise OSError(28, 'No space left on device')\nsys.stdout = Full()\n"

@@ -9,6 +9,7 @@ family the golden was made on; on another one, only agreement within float toler
 """
 
 import errno
+import fcntl
 import json
 import math
 import os
@@ -16,8 +17,10 @@ import re
 import runpy
 import shutil
 import socket
+import signal
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -30,6 +33,7 @@ from minilm.data import DataError, fingerprint, read_pairs, read_ranking_pairs
 from minilm.evaluate import main as evaluate_main
 from minilm.metrics import rerank_metrics
 from minilm.plot import line_chart_svg
+from test_shard import running
 from reference.make_train_golden import weights_fingerprint  # the function the golden weights were fingerprinted with
 
 TESTS = Path(__file__).resolve().parent
@@ -649,8 +653,6 @@ def test_a_run_killed_while_deleting_a_checkpoint_leaves_none_half_deleted(stand
 def test_a_second_run_in_the_same_output_is_refused(standin_dir, tmp_path, train_inprocess):
     """Two runs in one folder would mix logs, checkpoints and models, and both say they saved theirs. The running one
     holds a lock on the folder (taken here as it would hold it)."""
-    import fcntl
-
     out = tmp_path / "out"
     out.mkdir()
     held = os.open(out, os.O_RDONLY)
@@ -707,6 +709,37 @@ def test_a_process_lost_under_torchrun_is_one_line(standin_dir, tmp_path):
     said = [line for line in done.stderr.splitlines() if "train.py:" in line]
     assert len(said) == 1 and re.search(r"train.py: error: process 0 lost contact with another process \(.*by peer\); "
                                         "that one failed or was stopped", said[0]), done.stderr
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
+def test_kill_9_of_torchrun_stops_its_processes(standin_dir, tmp_path):
+    """torchrun starts its processes in sessions of their own: killed outright, it left them training on, holding
+    --output. They now get SIGTERM when it dies and stop as on Ctrl-C: one line, nothing half-written, --output free."""
+    out = tmp_path / "o"
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             str(TRAIN), *map(str, short_run(standin_dir, out, "--max-steps", 10_000))],
+                            cwd=REPO, stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 240
+    while not (out / "checkpoint-2").is_dir() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    assert (out / "checkpoint-2").is_dir(), proc.stderr.read() if proc.poll() is not None else "no checkpoint yet"
+    proc.kill()
+    proc.wait(timeout=60)
+    deadline = time.time() + 60
+    while running(str(out)) and time.time() < deadline:
+        time.sleep(0.1)
+    left = running(str(out))
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert left == [], "torchrun's processes outlived it"
+    said = [line for line in proc.stderr.read().splitlines() if line.startswith("train.py:")]
+    assert said == ["train.py: stopped by SIGTERM; --resume latest continues from the last checkpoint"]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no half-written checkpoint or model
+    held = os.open(out, os.O_RDONLY)
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX | fcntl.LOCK_NB)  # BlockingIOError while a process of the run holds --output
+    finally:
+        os.close(held)
 
 
 def test_standard_input_under_torchrun_is_refused(tmp_path, train_inprocess, monkeypatch):
