@@ -446,6 +446,20 @@ def output_file(output: str):
                 shutil.copyfileobj(spool, out)
 
 
+@contextlib.contextmanager
+def reader_let_go_on_failure(output: str | None):
+    """When the run fails, a program waiting to read a named pipe given as --output (`cat fifo`) gets an empty stream
+    (the pipe is opened and closed) instead of waiting forever for rows that never come."""
+    try:
+        yield
+    except BaseException:
+        if output and output != "-" and open_fd(output) is None:
+            with contextlib.suppress(OSError):
+                if stat.S_ISFIFO(os.stat(output).st_mode):  # O_NONBLOCK: with no reader, ENXIO instead of a wait
+                    os.close(os.open(output, os.O_WRONLY | os.O_NONBLOCK))
+        raise
+
+
 def chunked(items, size: int):
     """Lists of `size` consecutive items (the last one shorter)."""
     chunk = []
@@ -679,10 +693,11 @@ def main(argv=None) -> int:
     try:
         if args.input is None:
             return rank_passages(args)
-        if world == 1:
-            return score_file(args)
-        shards = Shards()
-        return shards.score(args)
+        with reader_let_go_on_failure(args.output if rank == 0 else None):
+            if world == 1:
+                return score_file(args)
+            shards = Shards()
+            return shards.score(args)
     except (UsageError, DataError) as e:  # DataError names the file, the line and the problem
         return fail(str(e))
     except ShardError as e:  # every process stops, process 0 says why
