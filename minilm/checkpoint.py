@@ -20,7 +20,7 @@ import tempfile
 import threading
 import urllib.request
 import warnings
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -372,13 +372,27 @@ def write_text(path: Path, text: str) -> None:
 
 
 def write_json(path: Path, obj) -> None:
-    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+    write_text(path, json_text(obj))
 
 
-def save_weights(path: Path, model: torch.nn.Module) -> None:
-    """model.safetensors, serialized in memory and written atomically: safetensors' save_file writes a temporary file
-    of its own (left behind by kill -9) and reports a full disk as a SafetensorError, not an OSError."""
+def json_text(obj) -> str:
+    return json.dumps(obj, indent=2, ensure_ascii=False) + "\n"
+
+
+def safetensors_bytes(model: torch.nn.Module) -> bytes:
+    """model.safetensors's content, in fp32. Serialized in memory and written by the caller: safetensors' save_file
+    writes a temporary file of its own (left behind by kill -9) and reports a full disk as a SafetensorError, not an
+    OSError."""
     from safetensors.torch import save
 
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    write_bytes(path, save(state, metadata={"format": "pt"}))
+    return save(state, metadata={"format": "pt"})
+
+
+def replace_files_together(folder: Path, writes: dict) -> None:
+    """Write every file of `writes` ({name: write(tmp_path)}) under a temporary name in `folder`, and rename them all
+    into place only when every one is written, in the dict's order (put the file that makes a folder loadable last).
+    A failure on the way (a full disk) leaves `folder` as it was: never a mix of an old and a new set of files."""
+    with ExitStack() as stack:
+        for name, write in reversed(writes.items()):  # the context entered last is renamed first
+            write(stack.enter_context(atomic_path(folder / name)))

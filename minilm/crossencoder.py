@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from . import precision as precisions
-from .checkpoint import (TOKENIZER_FILES, atomic_write, load_weights, read_json, read_state_dict, resolve, save_weights,
-                         write_json)
+from .checkpoint import (TOKENIZER_FILES, json_text, load_weights, read_json, read_state_dict, replace_files_together,
+                         resolve, safetensors_bytes)
 from .model import Config, CrossEncoderModel
 from .tokenizer import PairTokenizer
 from .unpadded import copy_in
@@ -340,9 +340,10 @@ class CrossEncoder:
         self.save_pretrained(path)
 
     def save_pretrained(self, path) -> None:
-        """Write a folder that minilm, sentence-transformers (5.1 and newer) and transformers all load, file by file
-        atomically. The activation goes into config.json["sentence_transformers"], which sentence-transformers 4.0 and newer
-        read (older versions read only the legacy key, which is not written)."""
+        """Write a folder that minilm, sentence-transformers (5.1 and newer) and transformers all load: every file is
+        written before any replaces its old version, so that a failed save leaves the folder as it was. The activation
+        goes into config.json["sentence_transformers"], which sentence-transformers 4.0 and newer read (older versions
+        read only the legacy key, which is not written)."""
         if self.precision != "fp32":
             raise ValueError(f"a model converted to {self.precision} cannot be saved; save the fp32 model (load it without dtype)")
         model_config = self.export_config()  # first: an activation that cannot be saved writes nothing
@@ -354,22 +355,25 @@ class CrossEncoder:
         # (tokenizer.json before vocab.txt, tokenizer_config.json's model_max_length), so it is removed.
         # model_max_length is the max_length this model scores with (a model trained with --max-length 256 loads
         # back truncating at 256, as sentence-transformers saves it), not the source's.
+        writes = {}  # name: write(temporary path)
         for name in TOKENIZER_FILES:
             if name == "tokenizer_config.json":
                 config = {"tokenizer_class": "BertTokenizer", "do_lower_case": True}
                 if source is not None and (source / name).exists():
                     config = read_json(source / name)
-                write_json(path / name, {**config, "model_max_length": self.max_length, "padding_side": "right",
-                                         "truncation_side": "right"})
+                text = json_text({**config, "model_max_length": self.max_length, "padding_side": "right",
+                                  "truncation_side": "right"})
+                writes[name] = lambda tmp, text=text: Path(tmp).write_text(text, encoding="utf-8")
             elif source is not None and (source / name).exists():
-                if (source / name).resolve() != (path / name).resolve():
-                    atomic_write(path / name, lambda tmp, name=name: shutil.copyfile(source / name, tmp))
+                writes[name] = lambda tmp, name=name: shutil.copyfile(source / name, tmp)
             elif name == "tokenizer.json":
-                atomic_write(path / name, lambda tmp: self.tokenizer.tokenizer.save(tmp))
-            else:
-                (path / name).unlink(missing_ok=True)
-        save_weights(path / "model.safetensors", self.model)
-        write_json(path / "config.json", model_config)
+                writes[name] = lambda tmp: self.tokenizer.tokenizer.save(tmp)
+        weights = safetensors_bytes(self.model)
+        writes["model.safetensors"] = lambda tmp: Path(tmp).write_bytes(weights)
+        writes["config.json"] = lambda tmp: Path(tmp).write_text(json_text(model_config), encoding="utf-8")  # last
+        replace_files_together(path, writes)  # a failed save (a full disk) leaves `path` as it was
+        for name in set(TOKENIZER_FILES) - set(writes):
+            (path / name).unlink(missing_ok=True)
 
     def export_config(self) -> dict:
         config = {k: v for k, v in self.hf_config.items() if k not in ("sbert_ce_default_activation_function", "torch_dtype")}

@@ -279,6 +279,30 @@ def test_saved_files_get_the_usual_permissions(standin_model, tmp_path):
     assert not [p.name for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
+
+def test_a_failed_save_leaves_the_folder_as_it_was(standin_dir, tmp_path):
+    """The disk fills (here: a file size limit of 60 MB, which the 91 MB of weights pass) while a model is saved over
+    an earlier save of another max_length: the folder keeps the earlier model whole. Saved file by file, it held the
+    new tokenizer_config.json beside the old weights: a model that loaded, silently mixed."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limited():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (60 << 20, 60 << 20))
+
+    CrossEncoder.from_pretrained(standin_dir, device="cpu", max_length=48).save_pretrained(tmp_path / "saved")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "saved").iterdir()}
+    save = (f"from minilm import CrossEncoder\nCrossEncoder.from_pretrained({str(standin_dir)!r}, device='cpu', "
+            f"max_length=64).save_pretrained({str(tmp_path / 'saved')!r})")
+    done = subprocess.run([sys.executable, "-c", save], capture_output=True, text=True, preexec_fn=limited)
+    assert done.returncode == 1 and "File too large" in done.stderr, done.stderr
+    assert {p.name: p.read_bytes() for p in (tmp_path / "saved").iterdir()} == before  # no temporary file either
+    assert CrossEncoder.from_pretrained(tmp_path / "saved", device="cpu").max_length == 48
+
+
 def test_two_layer_model(standin_dir, standin_state, standin_config, golden, golden_pairs, tmp_path):
     """A config with num_hidden_layers 2 (layers 2..5 dropped) loads and scores like sentence-transformers."""
     keep = golden["two_layer_logits"]["num_hidden_layers"]

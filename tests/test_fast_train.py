@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from minilm import CrossEncoder
-from minilm.checkpoint import save_weights
+from minilm.checkpoint import safetensors_bytes, write_bytes
 from minilm.cuda_graphs import padded_length
 from minilm.model import Config, CrossEncoderModel
 from minilm.tokenizer import PairEncoding
@@ -154,7 +154,7 @@ def tiny_dir(standin_dir, tmp_path_factory):
     config.update(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
     (folder / "config.json").write_text(json.dumps(config))
     torch.manual_seed(0)
-    save_weights(folder / "model.safetensors", CrossEncoderModel(Config.from_hf(config)))
+    write_bytes(folder / "model.safetensors", safetensors_bytes(CrossEncoderModel(Config.from_hf(config))))
     return folder
 
 

@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from minilm import CrossEncoder, cli
+from minilm.checkpoint import TOKENIZER_FILES
 from minilm.data import DataError, fingerprint, read_pairs, read_ranking_pairs
 from minilm.evaluate import main as evaluate_main
 from minilm.metrics import rerank_metrics
@@ -609,6 +610,7 @@ def test_a_write_that_fails_in_torch_or_safetensors_is_one_line(standin_dir, tmp
                                                     f"large); {lost}no checkpoint to resume from"), done.stderr
     assert "Traceback" not in done.stderr
     assert not list(out.glob(".*")) and not (out / "model.safetensors").exists()  # no writer's temporary file or folder
+    assert not [name for name in ("config.json", *TOKENIZER_FILES) if (out / name).exists()]  # nor half a model
 
 
 KILLED_WHILE_DELETING = """
