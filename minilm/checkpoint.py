@@ -20,7 +20,7 @@ import tempfile
 import threading
 import urllib.request
 import warnings
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -254,31 +254,40 @@ def listed(names: list, most: int = 5) -> str:
 @contextmanager
 def atomic_path(path):
     """Yield a temporary file name beside `path`; when the block completes, the file is flushed to disk and renamed
-    onto `path` (readers see the old file or the whole new one, also after a power cut); otherwise it is deleted.
-
-    The new file gets the old one's permissions, or those of any new file (mkstemp's are owner-only); they are set
-    after writing, in case a writer replaces the file it is given. Its name says which machine and
-    process write it, so that the next write of `path` can remove what a killed run left (remove_stale_temporaries)."""
+    onto `path` (readers see the old file or the whole new one, also after a power cut); otherwise it is deleted."""
     path = Path(path)
-    prefix = temporary_prefix(path)
-    remove_stale_temporaries(path.parent, prefix)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{prefix}{os.getpid()}.", suffix=".tmp")
-    os.close(fd)
+    tmp = new_temporary(path)
     try:
         yield tmp
-        if path.exists():
-            shutil.copymode(path, tmp)
-        else:
-            umask = os.umask(0)
-            os.umask(umask)
-            os.chmod(tmp, 0o666 & ~umask)
-        fsync(tmp)
+        finish_temporary(tmp, path)
         os.replace(tmp, path)
         fsync(path.parent)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def new_temporary(path: Path) -> str:
+    """An empty file beside `path`, to be written and renamed onto it. Its name says which machine and process write
+    it, so that the next write of `path` can remove what a killed run left (remove_stale_temporaries)."""
+    prefix = temporary_prefix(path)
+    remove_stale_temporaries(path.parent, prefix)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f"{prefix}{os.getpid()}.", suffix=".tmp")
+    os.close(fd)
+    return tmp
+
+
+def finish_temporary(tmp: str, path: Path) -> None:
+    """Give the written file `tmp` the old `path`'s permissions, or those of any new file (mkstemp's are owner-only),
+    set after writing in case a writer replaced the file it was given; then flush it to disk."""
+    if path.exists():
+        shutil.copymode(path, tmp)
+    else:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
+    fsync(tmp)
 
 
 def temporary_prefix(path: Path) -> str:
@@ -390,9 +399,24 @@ def safetensors_bytes(model: torch.nn.Module) -> bytes:
 
 
 def replace_files_together(folder: Path, writes: dict) -> None:
-    """Write every file of `writes` ({name: write(tmp_path)}) under a temporary name in `folder`, and rename them all
-    into place only when every one is written, in the dict's order (put the file that makes a folder loadable last).
-    A failure on the way (a full disk) leaves `folder` as it was: never a mix of an old and a new set of files."""
-    with ExitStack() as stack:
-        for name, write in reversed(writes.items()):  # the context entered last is renamed first
-            write(stack.enter_context(atomic_path(folder / name)))
+    """Write every file of `writes` ({name: write(tmp_path)}) under a temporary name in `folder` and flush it to disk;
+    only then rename them into place, in the dict's order. The last name is the file that makes the folder loadable
+    (config.json): it is removed before the first rename, so that a run killed amid the renames leaves a folder that
+    does not load, never one that loads an old and a new model mixed. A failure while writing (a full disk) leaves
+    `folder` as it was."""
+    folder = Path(folder)
+    written = {}
+    try:
+        for name, write in writes.items():
+            written[name] = new_temporary(folder / name)
+            write(written[name])
+            finish_temporary(written[name], folder / name)
+        (folder / list(writes)[-1]).unlink(missing_ok=True)
+        for name, tmp in written.items():
+            os.replace(tmp, folder / name)
+        fsync(folder)
+    except BaseException:
+        for tmp in written.values():
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+        raise

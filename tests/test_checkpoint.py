@@ -303,6 +303,53 @@ def test_a_failed_save_leaves_the_folder_as_it_was(standin_dir, tmp_path):
     assert CrossEncoder.from_pretrained(tmp_path / "saved", device="cpu").max_length == 48
 
 
+KILLED_WHILE_SAVING = """
+import os, signal, sys
+import minilm.checkpoint as checkpoint
+from minilm import CrossEncoder
+standin, folder, at = sys.argv[1:]
+fsync, replace, renames = checkpoint.fsync, os.replace, []
+def fsync_then_die(path):  # SIGKILL while the weights are flushed to disk
+    if at == "flush" and ".model.safetensors." in str(path):
+        os.kill(os.getpid(), signal.SIGKILL)
+    fsync(path)
+def replace_then_die(src, dst):  # SIGKILL between the first and the second rename
+    renames.append(dst)
+    if at == "rename" and len(renames) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+    replace(src, dst)
+checkpoint.fsync, checkpoint.os.replace = fsync_then_die, replace_then_die
+CrossEncoder.from_pretrained(standin, device="cpu", max_length=64).save_pretrained(folder)
+"""
+
+
+@pytest.mark.parametrize("at", ["flush", "rename"])
+def test_a_save_killed_outright_never_leaves_a_mixed_model(standin_dir, tmp_path, at):
+    """SIGKILL (the OOM killer; a power cut) while a model is saved over an earlier save of another max_length. While
+    the files are written and flushed, the folder keeps the earlier model whole; amid the renames, it holds no
+    config.json, so loading it fails, saying so. Renamed one by one as each was flushed, the new tokenizer_config.json
+    sat beside the old weights: a model that loaded, silently mixed."""
+    import subprocess
+    import sys
+
+    saved = tmp_path / "saved"
+    CrossEncoder.from_pretrained(standin_dir, device="cpu", max_length=48).save_pretrained(saved)
+    before = {p.name: p.read_bytes() for p in saved.iterdir()}
+    done = subprocess.run([sys.executable, "-c", KILLED_WHILE_SAVING, str(standin_dir), str(saved), at],
+                          capture_output=True, text=True)
+    assert done.returncode == -9, done.stderr
+    if at == "flush":
+        assert {p.name: p.read_bytes() for p in saved.iterdir() if not p.name.startswith(".")} == before
+        assert CrossEncoder.from_pretrained(saved, device="cpu").max_length == 48
+    else:
+        with pytest.raises(CheckpointError, match="config.json"):
+            CrossEncoder.from_pretrained(saved, device="cpu")
+    CrossEncoder.from_pretrained(standin_dir, device="cpu", max_length=64).save_pretrained(saved)  # saved again:
+    assert not [p.name for p in saved.iterdir() if p.name.startswith(".")]  # what the killed save left is removed
+    assert CrossEncoder.from_pretrained(saved, device="cpu").max_length == 64
+
+
+
 def test_two_layer_model(standin_dir, standin_state, standin_config, golden, golden_pairs, tmp_path):
     """A config with num_hidden_layers 2 (layers 2..5 dropped) loads and scores like sentence-transformers."""
     keep = golden["two_layer_logits"]["num_hidden_layers"]
