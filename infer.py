@@ -446,18 +446,23 @@ def output_file(output: str):
                 shutil.copyfileobj(spool, out)
 
 
-@contextlib.contextmanager
-def reader_let_go_on_failure(output: str | None):
-    """When the run fails, a program waiting to read a named pipe given as --output (`cat fifo`) gets an empty stream
+def let_the_reader_go(output: str | None) -> None:
+    """After a failed run: a program waiting to read a named pipe given as --output (`cat fifo`) gets an empty stream
     (the pipe is opened and closed) instead of waiting forever for rows that never come."""
+    if output and output != "-" and open_fd(output) is None:
+        with contextlib.suppress(OSError):
+            if stat.S_ISFIFO(os.stat(output).st_mode):  # O_NONBLOCK: with no reader, ENXIO instead of a wait
+                os.close(os.open(output, os.O_WRONLY | os.O_NONBLOCK))
+
+
+def output_option(argv: list) -> str | None:
+    """--output as the command line gives it, read before the full parse (whose errors must let its reader go too)."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False, exit_on_error=False)
+    parser.add_argument("--output")
     try:
-        yield
-    except BaseException:
-        if output and output != "-" and open_fd(output) is None:
-            with contextlib.suppress(OSError):
-                if stat.S_ISFIFO(os.stat(output).st_mode):  # O_NONBLOCK: with no reader, ENXIO instead of a wait
-                    os.close(os.open(output, os.O_WRONLY | os.O_NONBLOCK))
-        raise
+        return parser.parse_known_args(argv[: argv.index("--")] if "--" in argv else argv)[0].output
+    except argparse.ArgumentError:
+        return None
 
 
 def chunked(items, size: int):
@@ -668,8 +673,21 @@ class Shards:
 # ------------------------------------------------------------------------------------------------------------ main
 
 def main(argv=None) -> int:
-    parser = build_parser()
     argv = sys.argv[1:] if argv is None else list(argv)
+    status = 1  # unless run_command returns or exits otherwise
+    try:
+        status = run_command(argv)
+    except SystemExit as e:  # argparse's (2; 0 after --help), a signal's
+        status = e.code
+        raise
+    finally:
+        if status != 0 and torchrun_rank()[0] == 0:  # only process 0 writes the output
+            let_the_reader_go(output_option(argv))
+    return status
+
+
+def run_command(argv: list) -> int:
+    parser = build_parser()
     # Everything after the first `--` is a passage, verbatim (argparse would also drop every later "--")
     head, tail = (argv[: argv.index("--")], argv[argv.index("--") + 1 :]) if "--" in argv else (argv, [])
     args = parser.parse_intermixed_args(head)
@@ -693,11 +711,10 @@ def main(argv=None) -> int:
     try:
         if args.input is None:
             return rank_passages(args)
-        with reader_let_go_on_failure(args.output if rank == 0 else None):
-            if world == 1:
-                return score_file(args)
-            shards = Shards()
-            return shards.score(args)
+        if world == 1:
+            return score_file(args)
+        shards = Shards()
+        return shards.score(args)
     except (UsageError, DataError) as e:  # DataError names the file, the line and the problem
         return fail(str(e))
     except ShardError as e:  # every process stops, process 0 says why
@@ -745,12 +762,17 @@ def fail(message: str, status: int = 2, quiet: bool = False) -> int:
     return status
 
 
-def exit_process(status: int):
-    """sys.exit(status); under torchrun, without the teardown that may abort after the process group's end."""
+def main_exit() -> None:
+    """sys.exit(main()); under torchrun without the interpreter's teardown, which may abort once the process group
+    has ended (minilm/cli.py: exit_after_process_group), also after an exit on the way (argparse's, a signal's)."""
+    try:
+        status = main()
+    except SystemExit as e:
+        status = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
     if torchrun_rank()[1] > 1:
         exit_after_process_group(status)
     sys.exit(status)
 
 
 if __name__ == "__main__":
-    exit_process(main())
+    main_exit()

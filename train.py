@@ -490,9 +490,9 @@ def save_checkpoint(step):
     if master:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    if ddp:
-        dist.barrier()
     try:
+        if ddp:
+            dist.barrier()
         # each process's own random state, and its own share of the open log interval: restored as it was, the
         # interval's sum over ranks is the uninterrupted run's to the last bit
         torch_save(tmp / f"rng_state_{rank}.pth", {**rng_state(), "interval_loss": tr_loss.cpu(), "interval": interval})
@@ -503,16 +503,19 @@ def save_checkpoint(step):
             write_json(tmp / "trainer_state.json", {**run_info, **state, "epoch": step // steps_per_epoch,
                                                     "batch_in_epoch": step % steps_per_epoch, "scheduler_steps": int(taken),
                                                     "interval": pending})
+        if ddp:
+            dist.barrier()
+        if master:
+            if final.exists():  # resumed from an earlier checkpoint, this step was saved before
+                remove_checkpoint(final)
+            os.replace(tmp, final)
+            fsync(out)
     except OSError as e:  # a full disk
         shutil.rmtree(tmp, ignore_errors=True)
         save_failed(f"writing checkpoint {final}", e)
-    if ddp:
-        dist.barrier()
-    if master:
-        if final.exists():  # resumed from an earlier checkpoint, this step was saved before
-            remove_checkpoint(final)
-        os.replace(tmp, final)
-        fsync(out)
+    except BaseException:  # stopped (SIGTERM, Ctrl-C, a lost process) while saving: no 270 MB half-checkpoint left
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
         for old in checkpoints(out, run_info)[: -cfg.keep_checkpoints]:  # never another run's
             remove_checkpoint(old)
 

@@ -117,7 +117,8 @@ def exit_after_process_group(status: int):
     destroy_process_group() leaves gloo's threads running (torch 2.13), and now and then the teardown then aborts
     ("terminate called without an active exception", SIGABRT; 1 of about 600 two-process infer.py runs here, and once
     in CI), so that torchrun reports as failed a run that wrote all its output. Nothing is left to do at this point
-    but flush the standard streams."""
+    but flush the standard streams; atexit handlers do not run (a tool that reports through one, such as coverage.py,
+    sees nothing of a torchrun process)."""
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()

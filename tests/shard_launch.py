@@ -48,4 +48,4 @@ def hooked_score_chunk(model, chunk, *args):
 infer.score_chunk = hooked_score_chunk
 if os.environ["RANK"] == "1" and "SHARD_TEST_INPUT_1" in os.environ:
     sys.argv[sys.argv.index("--input") + 1] = os.environ["SHARD_TEST_INPUT_1"]
-infer.exit_process(infer.main())
+infer.main_exit()

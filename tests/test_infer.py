@@ -483,20 +483,21 @@ def test_output_through_symlink_and_into_fifo(standin, model, tmp_path, capsys):
     assert stat.S_ISFIFO(os.stat(fifo).st_mode)
     assert_scored(model, rows, read_output(received[0], "jsonl"))
 
-    received.clear()  # a failed run lets the pipe's reader go (an empty stream) instead of leaving it waiting
-    reader = threading.Thread(target=lambda: received.append(fifo.read_text()), daemon=True)
-    reader.start()
-    deadline = time.time() + 10
-    while Path(f"/proc/self/task/{reader.native_id}/wchan").read_text() != "wait_for_partner" and time.time() < deadline:
-        time.sleep(0.01)  # until the reader waits in open() for a writer
     src.write_text('{"query": "q"}\n', encoding="utf-8")
-    rc, _, err = run(capsys, "--model", standin, "--device", "cpu", "--input", src, "--output", fifo)
-    reader.join(timeout=10)
-    left_waiting = reader.is_alive()
-    if left_waiting:
-        os.close(os.open(fifo, os.O_WRONLY))  # set it free before failing
-    assert rc == 2 and "missing field 'passage'" in err, err
-    assert not left_waiting and received == [""]
+    for failing, error in [([], "missing field 'passage'"), (["--batch-size", "0"], "--batch-size: must be at least 1")]:
+        received.clear()  # a failed run lets the pipe's reader go (an empty stream) instead of leaving it waiting
+        reader = threading.Thread(target=lambda: received.append(fifo.read_text()), daemon=True)
+        reader.start()
+        deadline = time.time() + 10
+        while Path(f"/proc/self/task/{reader.native_id}/wchan").read_text() != "wait_for_partner" and time.time() < deadline:
+            time.sleep(0.01)  # until the reader waits in open() for a writer
+        rc, _, err = run(capsys, "--model", standin, "--device", "cpu", "--input", src, "--output", fifo, *failing)
+        reader.join(timeout=10)
+        left_waiting = reader.is_alive()
+        if left_waiting:
+            os.close(os.open(fifo, os.O_WRONLY))  # set it free before failing
+        assert rc == 2 and error in err, err
+        assert not left_waiting and received == [""]
 
 
 @pytest.mark.parametrize("ahead", [True, False], ids=["tokenize-ahead", "in-line"])

@@ -586,6 +586,32 @@ def test_a_full_disk_while_saving_a_checkpoint(standin_dir, tmp_path, train_inpr
     assert [p.name for p in (tmp_path / "out").glob("*checkpoint-*")] == ["checkpoint-1"] * (fails_at - 1)
 
 
+STOPPED_WHILE_SAVING = """
+import os, runpy, signal, sys
+import minilm.checkpoint
+torch_save = minilm.checkpoint.torch_save
+def sigterm_at_optimizer(path, obj):  # SIGTERM (a job scheduler, kill) while checkpoint-2 is written
+    if path.parent.name == ".checkpoint-2.tmp" and path.name == "optimizer.pt":
+        os.kill(os.getpid(), signal.SIGTERM)
+    torch_save(path, obj)
+minilm.checkpoint.torch_save = sigterm_at_optimizer
+sys.argv = sys.argv[1:]
+runpy.run_path(sys.argv[0], run_name="__main__")
+"""
+
+
+def test_sigterm_while_saving_a_checkpoint_leaves_no_half_checkpoint(standin_dir, tmp_path):
+    """Stopped while a checkpoint is written: one line, checkpoint-1 to resume from, and no .checkpoint-2.tmp (270 MB
+    for this model) left behind."""
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, "-c", STOPPED_WHILE_SAVING, TRAIN, *map(str, short_run(standin_dir, out))],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == \
+        "train.py: stopped by SIGTERM; --resume latest continues from the last checkpoint", done.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-1", "log.jsonl"]
+
+
 @pytest.mark.parametrize("save_every, limit_mb, what", [
     (1, 120, "writing checkpoint {out}/checkpoint-1"),  # model.safetensors (91 MB) fits, optimizer.pt (182 MB) not
     (0, 60, "saving the trained model to {out}")])
