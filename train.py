@@ -516,6 +516,7 @@ def save_checkpoint(step):
     except BaseException:  # stopped (SIGTERM, Ctrl-C, a lost process) while saving: no 270 MB half-checkpoint left
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    if master:
         for old in checkpoints(out, run_info)[: -cfg.keep_checkpoints]:  # never another run's
             remove_checkpoint(old)
 
@@ -657,7 +658,10 @@ eval_sha256 = fingerprint(eval_pairs, with_qids=True)  # a resumed run may evalu
 def run_eval(step):
     if not (eval_pairs and master):
         return
-    metrics = evaluate(ce, eval_pairs)  # in fp32, whatever the training precision: comparable across runs
+    try:
+        metrics = evaluate(ce, eval_pairs)  # in fp32, whatever the training precision: comparable across runs
+    except ValueError as e:  # scores that are not numbers
+        diverged(f"evaluating at step {step}: {e}")
     record({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}, "eval_sha256": eval_sha256})
     log(f"eval step {step} | {format_metrics(metrics)}")
 

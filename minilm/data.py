@@ -355,6 +355,12 @@ def read_ranking_pairs(path: str, fmt: str | None = None) -> list[Pair]:
         if seen.query != p.query:
             raise DataError(f"{name}:{p.line}: qid {json.dumps(raw, ensure_ascii=False)} is the query {shorten(p.query)!r} "
                             f"here and {shorten(seen.query)!r} at line {seen.line}: one qid, one query")
+    candidates = {}  # (query's group, passage) -> its first pair
+    for p in pairs:
+        seen = candidates.setdefault((p.qid if with_qid else p.query, p.passage), p)
+        if seen.label != p.label:
+            raise DataError(f"{name}:{p.line}: the passage {shorten(p.passage)!r} of this query is labelled {p.label:g} "
+                            f"here and {seen.label:g} at line {seen.line}: which is it?")
     return pairs
 
 

@@ -9,38 +9,59 @@ checkpoint that cannot be loaded: one error line and exit status 2.
 
 import sys
 
+import numpy as np
 import torch
 
 from .checkpoint import CheckpointError
 from .cli import ArgumentParser, whole_number
 from .crossencoder import CrossEncoder
-from .data import DataError, read_ranking_pairs
+from .data import FORMATS, DataError, detect_format, read_ranking_pairs
 from .metrics import RELEVANT, has_relevant, rerank_metrics
 
 
 def evaluate(ce, pairs, batch_size: int = 32, show_progress_bar: bool = False) -> dict:
     """Metrics of CrossEncoder `ce` on labelled `pairs` (data.Pair); raw logits rank the same as any monotone activation.
+    Besides the metrics: `pairs`; `truncated`, the pairs cut to fit the model's max_length; and `repeated`, the rows
+    that repeat an earlier one of their query (same passage and label: counted again, as sentence-transformers does).
 
-    Each distinct (query, passage) is scored once: two copies scored apart (or in one padded batch) can differ in
-    their last bits, and the metrics' tie rule would not see their tie."""
-    texts = [(p.query, p.passage) for p in pairs]
-    distinct = {text: i for i, text in enumerate(dict.fromkeys(texts))}
+    Each distinct model input (token ids and types, after truncation) is scored once: two copies scored apart (or in
+    one padded batch) can differ in their last bits, and the metrics' tie rule would not see their tie; texts that
+    differ only past the cut, or in what the tokenizer drops (spaces, accents), are the same input."""
+    encodings = ce.tokenizer.encode([(p.query, p.passage) for p in pairs])
+    inputs = [(tuple(e.ids), tuple(e.type_ids)) for e in encodings]
+    distinct = {}  # input -> the index of its first encoding
+    for i, key in enumerate(inputs):
+        distinct.setdefault(key, i)
     with torch.inference_mode():
-        scores = ce.score_logits(list(distinct), batch_size, show_progress_bar).numpy()[[distinct[text] for text in texts]]
+        scores = ce.score_encodings([encodings[i] for i in distinct.values()], batch_size, show_progress_bar).numpy()
+    at = {key: n for n, key in enumerate(distinct)}
+    scores = scores[[at[key] for key in inputs]]
+    if not np.isfinite(scores).all():
+        raise ValueError(f"{int((~np.isfinite(scores)).sum())} of {len(scores)} scores are NaN or infinite: the model's "
+                         "weights are broken, or too large for its precision")
     groups = [p.qid if p.qid is not None else p.query for p in pairs]
-    return rerank_metrics(groups, [p.label for p in pairs], scores)
+    metrics = rerank_metrics(groups, [p.label for p in pairs], scores)
+    return {**metrics, "pairs": len(pairs), "truncated": sum(e.truncated for e in encodings),
+            "repeated": len(pairs) - len({(group, p.passage) for group, p in zip(groups, pairs)})}
 
 
 def format_metrics(m: dict) -> str:
     skipped = f", {m['skipped']} without a relevant passage left out" if m["skipped"] else ""
     queries = f"{m['queries']} quer{'ies' if m['queries'] != 1 else 'y'}"
-    return f"MRR@10 {m['mrr@10']:.4f} | NDCG@10 {m['ndcg@10']:.4f} | R@1 {m['r@1']:.4f} | {queries}{skipped}"
+    line = f"MRR@10 {m['mrr@10']:.4f} | NDCG@10 {m['ndcg@10']:.4f} | R@1 {m['r@1']:.4f} | {queries}{skipped}"
+    if "pairs" not in m:  # rerank_metrics' own
+        return line
+    notes = [f"{m['truncated']} cut to fit max_length"] if m["truncated"] else []
+    notes += [f"{m['repeated']} repeating an earlier row, counted again"] if m["repeated"] else []
+    return f"{line} ({m['pairs']} pair{'s' if m['pairs'] != 1 else ''}{''.join(f'; {note}' for note in notes)})"
 
 
 def main(argv=None):
     parser = ArgumentParser(prog="python -m minilm.evaluate", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default="cross-encoder/ms-marco-MiniLM-L6-v2", help="local dir, name under weights/, or Hub id")
-    parser.add_argument("--data", required=True, help="labelled pairs: .jsonl, .tsv or .csv")
+    parser.add_argument("--data", required=True, help="labelled pairs: .jsonl, .tsv or .csv, or - (standard input)")
+    parser.add_argument("--format", choices=FORMATS, default=None,
+                        help="the format of --data when its extension does not say (a pipe: <(zcat test.tsv.gz))")
     parser.add_argument("--batch-size", type=whole_number(1), default=32)
     parser.add_argument("--max-length", type=whole_number(5), default=None, help="tokens per pair (default: the checkpoint's, 512)")
     parser.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when available)")
@@ -50,20 +71,23 @@ def main(argv=None):
         parser.exit(2, f"{parser.prog}: error: {message}\n")
 
     try:
-        pairs = read_ranking_pairs(args.data)
-    except DataError as e:
-        fail(e)
-    if not has_relevant(p.label for p in pairs):
-        fail(f"{args.data}: no query has a relevant passage (label >= {RELEVANT}): nothing to rank")
-    try:
-        ce = CrossEncoder.from_pretrained(args.model, device=args.device, max_length=args.max_length)
-    except (CheckpointError, ValueError, OSError) as e:
-        fail(e)
-    try:
-        m = evaluate(ce, pairs, args.batch_size, show_progress_bar=sys.stderr.isatty())
+        try:
+            pairs = read_ranking_pairs(args.data, detect_format(args.data, args.format, "--format"))
+        except DataError as e:
+            fail(e)
+        if not has_relevant(p.label for p in pairs):
+            fail(f"{args.data}: no query has a relevant passage (label >= {RELEVANT}): nothing to rank")
+        try:
+            ce = CrossEncoder.from_pretrained(args.model, device=args.device, max_length=args.max_length)
+        except (CheckpointError, ValueError, OSError) as e:
+            fail(e)
+        try:
+            m = evaluate(ce, pairs, args.batch_size, show_progress_bar=sys.stderr.isatty())
+        except ValueError as e:  # scores that are not numbers
+            fail(e)
     except KeyboardInterrupt:
         parser.exit(130, f"{parser.prog}: interrupted\n")
-    print(f"{format_metrics(m)} ({len(pairs)} pair{'s' if len(pairs) > 1 else ''})")
+    print(format_metrics(m))
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ from safetensors.torch import load_file, save_file
 from minilm import CrossEncoder, cli
 from minilm.checkpoint import TOKENIZER_FILES
 from minilm.data import DataError, fingerprint, read_pairs, read_ranking_pairs
+from minilm.evaluate import evaluate
 from minilm.evaluate import main as evaluate_main
 from minilm.metrics import rerank_metrics
 from minilm.plot import line_chart_svg
@@ -871,10 +872,11 @@ def test_metrics_by_hand():
 
 
 def test_copies_of_a_pair_tie_whatever_the_file_order(standin_dir, tmp_path, capsys):
-    """Two copies of one pair, one relevant: scored apart they differed in their last bits (7e-9), and the file's
-    order decided which came first (MRR 1.0 one way, 0.5 the other). The tie counts against the model both ways."""
-    rows = ['{"qid": 1, "query": "Где находится Москва?", "passage": "Москва — столица России.", "label": %d}' % label
-            for label in (0, 1)]
+    """Two passages that are one model input (they differ only in spaces, which the tokenizer drops), one relevant:
+    scored apart they differed in their last bits (7e-9), and the file's order decided which came first (MRR 1.0 one
+    way, 0.5 the other). The tie counts against the model both ways."""
+    rows = ['{"qid": 1, "query": "Где находится Москва?", "passage": "Москва —%s столица России.", "label": %d}'
+            % (" " * label, label) for label in (0, 1)]
     for order in (rows, rows[::-1]):
         (tmp_path / "pairs.jsonl").write_text("\n".join(order) + "\n")
         evaluate_main(["--model", str(standin_dir), "--data", str(tmp_path / "pairs.jsonl"), "--device", "cpu",
@@ -882,14 +884,82 @@ def test_copies_of_a_pair_tie_whatever_the_file_order(standin_dir, tmp_path, cap
         assert capsys.readouterr().out.startswith("MRR@10 0.5000 | NDCG@10 0.6309 | R@1 0.0000")
 
 
+def test_evaluation_does_not_depend_on_the_batch_size(standin_dir):
+    """Passages that differ only past the max_length cut are one model input. Scored as separate rows, the same input
+    came out a few units in the last place apart depending on its place in the batch, and the metrics moved with
+    --batch-size (a reviewer's case: MRR 0.2 at batch sizes 1, 4, 32; 0.33 at 2; 0.5 at 3)."""
+    from minilm.data import Pair
+
+    ce = CrossEncoder.from_pretrained(standin_dir, device="cpu", max_length=16)
+    text = "Москва — столица России, крупнейший по численности населения город страны и её"
+    passages = [(text + " хвост номер один.", 1)] + [(text + f" совсем другой хвост {i}.", 0) for i in range(4)] + \
+        [(f"Ответ {i}.", 0) for i in range(4)]
+    pairs = [Pair("Где находится Москва?", passage, label, "1", n, {}) for n, (passage, label) in enumerate(passages, 1)]
+    results = {batch_size: evaluate(ce, pairs, batch_size) for batch_size in (1, 2, 3, 4, 32)}
+    assert len({tuple(sorted(m.items())) for m in results.values()}) == 1, results
+    m = results[32]
+    assert m["truncated"] == 9 and m["repeated"] == 0  # at 16 tokens, the short passages are cut too
+    scores = ce.predict([(p.query, p.passage) for p in pairs], activation_fn=torch.nn.Identity())
+    tied_or_above = sum(scores[i] >= scores[0] - 1e-5 for i in range(1, 9))  # its 4 copies and any negative above
+    assert m["mrr@10"] == pytest.approx(1 / (1 + tied_or_above)) and tied_or_above >= 4
+
+
+def test_evaluation_data_that_contradicts_itself_or_repeats(standin_dir, tmp_path, capsys):
+    rows = [{"qid": 1, "query": "q", "passage": "p1", "label": 1}, {"qid": 1, "query": "q", "passage": "p2", "label": 0}]
+    data = tmp_path / "pairs.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [*rows, {**rows[1], "label": 1}]))
+    with pytest.raises(DataError, match=r"pairs.jsonl:3: the passage 'p2' of this query is labelled 1 here and 0 at "
+                                        r"line 2: which is it\?"):
+        read_ranking_pairs(str(data))
+    data.write_text("".join(json.dumps(r) + "\n" for r in [*rows, rows[1], rows[1]]))
+    evaluate_main(["--model", str(standin_dir), "--data", str(data), "--device", "cpu", "--max-length", "16"])
+    assert capsys.readouterr().out.endswith("| 1 query (4 pairs; 2 repeating an earlier row, counted again)\n")
+
+
+def test_evaluation_with_scores_that_are_not_numbers_is_an_error(standin_dir, tmp_path, capsys):
+    """Weights that are finite but overflow the logits (a broken fine-tune): the ranking by NaN and inf was printed as
+    metrics."""
+    ce = CrossEncoder.from_pretrained(standin_dir, device="cpu")
+    with torch.no_grad():
+        ce.model.classifier.weight.copy_(torch.sign(ce.model.classifier.weight) * 3e38)
+    broken = tmp_path / "broken"
+    ce.save_pretrained(broken)
+    with pytest.raises(SystemExit) as e:
+        evaluate_main(["--model", str(broken), "--data", str(PAIRS), "--device", "cpu", "--max-length", "16"])
+    assert e.value.code == 2
+    assert re.fullmatch(r"python -m minilm.evaluate: error: \d+ of 44 scores are NaN or infinite: the model's weights "
+                        r"are broken, or too large for its precision\n", capsys.readouterr().err)
+
+
+def test_evaluation_data_through_a_pipe_with_its_format(standin_dir, tmp_path, capsys):
+    tsv = "".join(f"{r.query}\t{r.passage}\t{r.label:g}\n" for r in read_pairs(str(PAIRS), require_label=True))
+    (tmp_path / "pairs.tsv").write_text("query\tpassage\tlabel\n" + tsv, encoding="utf-8")
+    read, write = os.pipe()
+    os.write(write, (tmp_path / "pairs.tsv").read_bytes())
+    os.close(write)
+    try:
+        evaluate_main(["--model", str(standin_dir), "--data", f"/dev/fd/{read}", "--format", "tsv", "--device", "cpu",
+                       "--max-length", "16"])
+    finally:
+        os.close(read)
+    piped = capsys.readouterr().out
+    evaluate_main(["--model", str(standin_dir), "--data", str(tmp_path / "pairs.tsv"), "--device", "cpu", "--max-length", "16"])
+    assert piped == capsys.readouterr().out and "(44 pairs; 44 cut to fit max_length)" in piped
+    with pytest.raises(SystemExit):
+        evaluate_main(["--model", str(standin_dir), "--data", str(tmp_path / "pairs.txt")])
+    assert "use .jsonl, .tsv or .csv (or --format)" in capsys.readouterr().err
+
+
 def test_evaluate_interrupted_is_one_line(standin_dir, monkeypatch, capsys):
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("minilm.evaluate.evaluate", interrupted)
-    with pytest.raises(SystemExit) as e:
-        evaluate_main(["--model", str(standin_dir), "--data", str(PAIRS), "--device", "cpu"])
-    assert e.value.code == 130 and capsys.readouterr().err == "python -m minilm.evaluate: interrupted\n"
+    for stage in ("read_ranking_pairs", "evaluate"):  # reading a big file, scoring it
+        with monkeypatch.context() as patched:
+            patched.setattr(f"minilm.evaluate.{stage}", interrupted)
+            with pytest.raises(SystemExit) as e:
+                evaluate_main(["--model", str(standin_dir), "--data", str(PAIRS), "--device", "cpu"])
+        assert e.value.code == 130 and capsys.readouterr().err == "python -m minilm.evaluate: interrupted\n"
 
 
 def test_loss_chart_leaves_out_non_finite_points():
@@ -902,7 +972,7 @@ def test_loss_chart_leaves_out_non_finite_points():
 def test_evaluate_cli(standin_dir, tmp_path, capsys):
     assert evaluate_main(["--model", str(standin_dir), "--data", str(PAIRS), "--device", "cpu", "--max_length", "64"]) is None
     out = capsys.readouterr().out
-    assert out.startswith("MRR@10 0.") and "| 4 queries (44 pairs)" in out
+    assert out.startswith("MRR@10 0.") and out.endswith("| 4 queries (44 pairs; 41 cut to fit max_length)\n")
     with pytest.raises(SystemExit) as e:  # as train.py and infer.py: no abbreviations
         evaluate_main(["--model", str(standin_dir), "--dat", str(PAIRS)])
     assert e.value.code == 2 and capsys.readouterr().err.startswith(
