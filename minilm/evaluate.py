@@ -7,6 +7,7 @@ grouped by qid, or by query text when there is none (see minilm/metrics.py for t
 checkpoint that cannot be loaded: one error line and exit status 2.
 """
 
+import hashlib
 import sys
 
 import numpy as np
@@ -19,6 +20,9 @@ from .data import FORMATS, DataError, detect_format, read_ranking_pairs
 from .metrics import RELEVANT, has_relevant, rerank_metrics
 
 
+CHUNK_PAIRS = 4096  # pairs tokenized and scored at a time: the encodings of a large file are never all held at once
+
+
 def evaluate(ce, pairs, batch_size: int = 32, show_progress_bar: bool = False) -> dict:
     """Metrics of CrossEncoder `ce` on labelled `pairs` (data.Pair); raw logits rank the same as any monotone activation.
     Besides the metrics: `pairs`; `truncated`, the pairs cut to fit the model's max_length; and `repeated`, the rows
@@ -26,22 +30,30 @@ def evaluate(ce, pairs, batch_size: int = 32, show_progress_bar: bool = False) -
 
     Each distinct model input (token ids and types, after truncation) is scored once: two copies scored apart (or in
     one padded batch) can differ in their last bits, and the metrics' tie rule would not see their tie; texts that
-    differ only past the cut, or in what the tokenizer drops (spaces, accents), are the same input."""
-    encodings = ce.tokenizer.encode([(p.query, p.passage) for p in pairs])
-    inputs = [(tuple(e.ids), tuple(e.type_ids)) for e in encodings]
-    distinct = {}  # input -> the index of its first encoding
-    for i, key in enumerate(inputs):
-        distinct.setdefault(key, i)
-    with torch.inference_mode():
-        scores = ce.score_encodings([encodings[i] for i in distinct.values()], batch_size, show_progress_bar).numpy()
-    at = {key: n for n, key in enumerate(distinct)}
-    scores = scores[[at[key] for key in inputs]]
+    differ only past the cut, or in what the tokenizer drops (spaces, accents), are the same input. Inputs are known
+    by a digest of their ids, so that only one chunk's encodings are held at a time."""
+    from tqdm.auto import tqdm
+
+    score_of = {}  # digest of a model input -> its score
+    inputs, truncated = [], 0  # each pair's digest
+    with torch.inference_mode(), tqdm(total=len(pairs), desc="Scoring", unit="pair", disable=not show_progress_bar) as bar:
+        for start in range(0, len(pairs), CHUNK_PAIRS):
+            encodings = ce.tokenizer.encode([(p.query, p.passage) for p in pairs[start : start + CHUNK_PAIRS]])
+            digests = [hashlib.blake2b(np.array([*e.ids, -1, *e.type_ids], np.int64).tobytes(), digest_size=16).digest()
+                       for e in encodings]
+            new = {d: e for d, e in zip(digests, encodings) if d not in score_of}  # the first of each
+            bar.update(len(encodings) - len(new))
+            scores = ce.score_encodings(list(new.values()), batch_size, progress=bar).tolist() if new else []
+            score_of.update(zip(new, scores))
+            inputs += digests
+            truncated += sum(e.truncated for e in encodings)
+    scores = np.array([score_of[d] for d in inputs], dtype=np.float32)
     if not np.isfinite(scores).all():
         raise ValueError(f"{int((~np.isfinite(scores)).sum())} of {len(scores)} scores are NaN or infinite: the model's "
                          "weights are broken, or too large for its precision")
     groups = [p.qid if p.qid is not None else p.query for p in pairs]
     metrics = rerank_metrics(groups, [p.label for p in pairs], scores)
-    return {**metrics, "pairs": len(pairs), "truncated": sum(e.truncated for e in encodings),
+    return {**metrics, "pairs": len(pairs), "truncated": truncated,
             "repeated": len(pairs) - len({(group, p.passage) for group, p in zip(groups, pairs)})}
 
 
