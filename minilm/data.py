@@ -203,7 +203,9 @@ def check_header(header: list, name: str, n: int, fmt: str) -> None:
     has = ", ".join(repr(shorten(c)) for c in header[:10]) + (", ..." if len(header) > 10 else "")
     other = {"csv": ("\t", "tab", "tsv"), "tsv": (",", "comma", "csv")}[fmt]
     hint = (" (JSON lines? name it .jsonl or give --format jsonl)" if header[0].lstrip().startswith("{") else
-            f" ({other[1]}-separated? name it .{other[2]} or give --format {other[2]})" if other[0] in "".join(header) else "")
+            f" ({other[1]}-separated? name it .{other[2]} or give --format {other[2]})" if other[0] in "".join(header) else
+            " (semicolon-separated, as Excel saves CSV in many locales? save it with commas, or as tab-separated .tsv)"
+            if fmt == "csv" and ";" in header[0] else "")
     raise DataError(f"{name}:{n}: the header has no {missing} column (expected 'query' and 'passage', or 'sentence_0' "
                     f"and 'sentence_1'); it has {has}{hint}")
 

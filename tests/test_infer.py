@@ -670,6 +670,8 @@ BAD_INPUTS = {
                                "'query' and 'passage', or 'sentence_0' and 'sentence_1'); it has 'question', 'text'"),
     "tsv-named-csv": ("in.csv", "query\tpassage\nq\tp\n", ":1", "(tab-separated? name it .tsv or give --format tsv)"),
     "csv-named-tsv": ("in.tsv", "query,passage\nq,p\n", ":1", "(comma-separated? name it .csv or give --format csv)"),
+    "semicolon-csv": ("in.csv", "query;passage\nq;p\n", ":1", "it has 'query;passage' (semicolon-separated, as Excel "
+                      "saves CSV in many locales? save it with commas, or as tab-separated .tsv)"),
     "duplicate-key": ("in.jsonl", '{"query": "q", "passage": "p"}\n{"query": "q", "passage": "a", "passage": "b"}\n', ":2",
                       "duplicate key 'passage'"),
     "both-field-pairs": ("in.jsonl", '{"query": "q", "passage": "p", "sentence_0": "a", "sentence_1": "b"}\n', ":1",
