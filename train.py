@@ -510,11 +510,10 @@ def save_checkpoint(step):
                 remove_checkpoint(final)
             os.replace(tmp, final)
             fsync(out)
-    except OSError as e:  # a full disk
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_failed(f"writing checkpoint {final}", e)
-    except BaseException:  # stopped (SIGTERM, Ctrl-C, a lost process) while saving: no 270 MB half-checkpoint left
-        shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException as e:  # a full disk, or stopped while saving (SIGTERM, Ctrl-C, a lost process)
+        shutil.rmtree(tmp, ignore_errors=True)  # no 270 MB half-checkpoint left
+        if isinstance(e, OSError):
+            save_failed(f"writing checkpoint {final}", e)
         raise
     if master:
         for old in checkpoints(out, run_info)[: -cfg.keep_checkpoints]:  # never another run's

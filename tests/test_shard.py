@@ -232,8 +232,9 @@ def test_a_crash_in_one_process_stops_both(standin_dir, tmp_path, how, message, 
     assert dst.read_text() == "precious\n" and sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]
 
 
-def test_sigterm_leaves_no_output(standin_dir, tmp_path):
-    """SIGTERM to torchrun (what `kill` and job schedulers send) while scoring: nothing left, the old output kept."""
+def scoring_a_long_file(standin_dir, tmp_path) -> tuple[subprocess.Popen, Path, Path]:
+    """torchrun scoring 10,000 rows into an output that holds "old", caught once its temporary output exists:
+    (torchrun, input, output)."""
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_input(src, "jsonl", ROWS * 400)
     dst.write_text("old\n")
@@ -243,6 +244,12 @@ def test_sigterm_leaves_no_output(standin_dir, tmp_path):
     while not list(tmp_path.glob(".out.jsonl.*.tmp")) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     assert list(tmp_path.glob(".out.jsonl.*.tmp")), "the temporary output never appeared"
+    return proc, src, dst
+
+
+def test_sigterm_leaves_no_output(standin_dir, tmp_path):
+    """SIGTERM to torchrun (what `kill` and job schedulers send) while scoring: nothing left, the old output kept."""
+    proc, _, dst = scoring_a_long_file(standin_dir, tmp_path)
     proc.send_signal(signal.SIGTERM)
     proc.wait(timeout=60)
     stderr = proc.stderr.read()
@@ -250,8 +257,6 @@ def test_sigterm_leaves_no_output(standin_dir, tmp_path):
     assert infer_lines(stderr) == ["infer.py: stopped by SIGTERM (torchrun sends it to every process when it is stopped "
                                    "or when one of them fails); no output written"], stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"] and dst.read_text() == "old\n"
-
-
 
 
 def running(text: str) -> list[int]:
@@ -264,29 +269,27 @@ def running(text: str) -> list[int]:
     return found
 
 
+def still_running_after(seconds: float, text: str) -> list[int]:
+    """The processes whose command line holds `text` that have not ended within `seconds`; killed (SIGKILL), so that
+    a failing test leaves none behind."""
+    deadline = time.time() + seconds
+    while running(text) and time.time() < deadline:
+        time.sleep(0.1)
+    left = running(text)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    return left
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the parent-death signal is Linux's")
 def test_kill_9_of_torchrun_stops_its_processes(standin_dir, tmp_path):
     """torchrun starts its processes in sessions of their own: killed outright, it left them scoring on. They now get
     SIGTERM when it dies, and unwind: no temporary output left, the old output kept."""
-    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
-    write_input(src, "jsonl", ROWS * 400)
-    dst.write_text("old\n")
-    proc = subprocess.Popen(torchrun_command("--model", standin_dir, *QUICK, "--input", src, "--output", dst), cwd=REPO,
-                            stderr=subprocess.PIPE, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    deadline = time.time() + 120
-    while not list(tmp_path.glob(".out.jsonl.*.tmp")) and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.05)
-    assert list(tmp_path.glob(".out.jsonl.*.tmp")), "the temporary output never appeared"
+    proc, src, dst = scoring_a_long_file(standin_dir, tmp_path)
     assert len(running(str(src))) == 3  # torchrun and its two processes
     proc.kill()
     proc.wait(timeout=60)
-    deadline = time.time() + 60
-    while running(str(src)) and time.time() < deadline:
-        time.sleep(0.1)
-    left = running(str(src))
-    for pid in left:
-        os.kill(pid, signal.SIGKILL)
-    assert left == [], "torchrun's processes outlived it"
+    assert still_running_after(60, str(src)) == [], "torchrun's processes outlived it"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"] and dst.read_text() == "old\n"
 
 

@@ -35,7 +35,7 @@ from minilm.evaluate import evaluate
 from minilm.evaluate import main as evaluate_main
 from minilm.metrics import rerank_metrics
 from minilm.plot import line_chart_svg
-from test_shard import running
+from test_shard import still_running_after
 from reference.make_train_golden import weights_fingerprint  # the function the golden weights were fingerprinted with
 
 TESTS = Path(__file__).resolve().parent
@@ -754,13 +754,7 @@ def test_kill_9_of_torchrun_stops_its_processes(standin_dir, tmp_path):
     assert (out / "checkpoint-2").is_dir(), proc.stderr.read() if proc.poll() is not None else "no checkpoint yet"
     proc.kill()
     proc.wait(timeout=60)
-    deadline = time.time() + 60
-    while running(str(out)) and time.time() < deadline:
-        time.sleep(0.1)
-    left = running(str(out))
-    for pid in left:
-        os.kill(pid, signal.SIGKILL)
-    assert left == [], "torchrun's processes outlived it"
+    assert still_running_after(60, str(out)) == [], "torchrun's processes outlived it"
     said = [line for line in proc.stderr.read().splitlines() if line.startswith("train.py:")]
     assert said == ["train.py: stopped by SIGTERM; --resume latest continues from the last checkpoint"]
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no half-written checkpoint or model
